@@ -1,0 +1,29 @@
+"""Shared fixtures. Real data lives in ``../shared`` beside the repository (never copied into it);
+tests that need it skip with a reason when it is absent."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SMAF_SHARED", REPO_ROOT.parent / "shared"))
+PETS_ROOT = SHARED / "data" / "pets"
+VOC_META = SHARED / "data" / "voc12"
+
+
+@pytest.fixture
+def pets_root() -> Path:
+    """The real Oxford-IIIT Pet subset in VOC layout (skips when ../shared is absent)."""
+    if not (PETS_ROOT / "JPEGImages").is_dir():
+        pytest.skip(f"real Pet subset not found at {PETS_ROOT} (../shared beside the repo, or set SMAF_SHARED)")
+    return PETS_ROOT
+
+
+@pytest.fixture
+def voc_meta() -> Path:
+    """Real VOC 2012 metadata and val masks (skips when ../shared is absent)."""
+    if not (VOC_META / "SegmentationClassAug_val").is_dir():
+        pytest.skip(f"VOC metadata not found at {VOC_META} (../shared beside the repo, or set SMAF_SHARED)")
+    return VOC_META
