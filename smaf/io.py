@@ -217,3 +217,57 @@ def save_panel(path: str | os.PathLike, tiles: list[np.ndarray], titles: list[st
         row.append(t)
         row.append(np.full((height, 4, 3), 255, np.uint8))
     return save_image(path, np.concatenate(row[:-1], 1))
+
+
+# -------------------------------------------------------------------------------- background writer
+class AsyncWriter:
+    """Runs file writes on background threads so the device never waits on the disk.
+
+    ``submit(fn, *args)`` queues a call; the queue is bounded (``max_pending``), so memory stays bounded
+    when the disk is slower than inference. ``close()`` (or leaving the ``with`` block) waits for every
+    write and re-raises the first error.
+    """
+
+    def __init__(self, threads: int = 2, max_pending: int = 32):
+        import queue
+        import threading
+
+        self._queue: "queue.Queue" = queue.Queue(maxsize=max_pending)
+        self._errors: list = []
+        self._threads = [threading.Thread(target=self._work, daemon=True) for _ in range(max(1, threads))]
+        for t in self._threads:
+            t.start()
+
+    def _work(self):
+        while True:
+            job = self._queue.get()
+            if job is None:
+                self._queue.task_done()
+                return
+            fn, args = job
+            try:
+                fn(*args)
+            except BaseException as err:  # noqa: BLE001 - surfaced in close()
+                self._errors.append(err)
+            finally:
+                self._queue.task_done()
+
+    def submit(self, fn, *args) -> None:
+        if self._errors:
+            raise self._errors[0]
+        self._queue.put((fn, args))
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+        for t in self._threads:
+            t.join()
+        if self._errors:
+            raise self._errors[0]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False

@@ -1,0 +1,120 @@
+"""What every stage does the same way: logging, output folders, device, list resolution, error exits."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .. import dist
+from ..config import ConfigError, parse_cli, save_config
+from ..data.voc import DatasetError, VOCLayout
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class StageError(RuntimeError):
+    """An expected failure of a stage (bad input, missing output of an earlier stage)."""
+
+
+def get_logger(name: str, log_file: Path | None = None) -> logging.Logger:
+    """A logger printing readable lines to stderr (rank 0 only) and, when given, to ``log_file``."""
+    logger = logging.getLogger(f"smaf.{name}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    if dist.is_main():
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+        logger.addHandler(console)
+        if log_file is not None:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            fh = logging.FileHandler(log_file)
+            fh.setFormatter(logging.Formatter(LOG_FORMAT))
+            logger.addHandler(fh)
+    return logger
+
+
+def prepare_output(cfg, subdir: str, name: str):
+    """Join the process group (under torchrun), create ``<work_dir>/<subdir>``, save the resolved config
+    there (rank 0) and return (out_dir, logger, device)."""
+    device = dist.init_from_env(cfg.device)
+    out_dir = Path(cfg.work_dir) / subdir
+    if dist.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir)
+    dist.barrier()
+    logger = get_logger(name, out_dir / "log.txt")
+    logger.info("output folder %s | device %s | world size %d", out_dir, device, dist.world_size())
+    return out_dir, logger, device
+
+
+def layout_from(cfg) -> VOCLayout:
+    return VOCLayout.from_config(cfg)
+
+
+def pick(value, default):
+    """``value`` unless it is empty ('' or None), then ``default``."""
+    return default if value in ("", None) else value
+
+
+def set_seed(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def default_workers(requested: int) -> int:
+    """DataLoader workers: ``requested`` capped by the cores this process may use (0 = in-process)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(0, min(int(requested), cores))
+
+
+class Timer:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+EXPECTED_ERRORS = (ConfigError, DatasetError, StageError, FileNotFoundError, ValueError)
+
+
+def stage_main(run, description: str, argv=None) -> None:
+    """Command-line entry of a stage: ``--config NAME key=value ...``; expected errors exit with one line.
+
+    Set SMAF_DEBUG=1 to see full tracebacks."""
+    from ..checkpoint import CheckpointError
+
+    cfg = parse_cli(argv, description)
+    try:
+        run(cfg)
+    except (*EXPECTED_ERRORS, CheckpointError, _weights_error()) as err:
+        if os.environ.get("SMAF_DEBUG"):
+            raise
+        msg = str(err).splitlines()[0] if str(err) else err.__class__.__name__
+        sys.exit(f"error: {msg}")
+    finally:
+        if dist.is_distributed():
+            torch.distributed.destroy_process_group()
+
+
+def _weights_error():
+    try:
+        from ..models.weights import WeightsError
+        return WeightsError
+    except ImportError:  # pragma: no cover - only while the models package is incomplete
+        return StageError

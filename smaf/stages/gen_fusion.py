@@ -1,0 +1,164 @@
+"""Stage 1: multi-scale attention fusion (``bash script/gen_fusion.sh``).
+
+For every image of ``fusion.list`` the stage-0 model (eval mode) runs at ``fusion.scales`` x flip; the
+fused maps M (C x H x W in [0, 1], see :mod:`smaf.cam`) are written to
+
+    <work_dir>/<fusion.out_subdir>/cam_npy/<id>.npy      CAM dict {class: HxW float32} of labelled classes
+    <work_dir>/<fusion.out_subdir>/cam_png/<id>.png      argmax over [bg threshold; M], VOC numbering
+    <work_dir>/<fusion.out_subdir>/proto_stats/<id>.npy  per-class mean feature f of the image
+    <work_dir>/<fusion.out_subdir>/prototypes.pt         (C+1) x D class prototypes (background last)
+    <work_dir>/<fusion.out_subdir>/overlays/             pictures of the first ``fusion.overlays`` images
+    <work_dir>/<fusion.out_subdir>/eval/cam_png.json     mIoU table when masks exist for ``fusion.eval_list``
+
+Finished images are skipped (every file is written atomically), so an interrupted run resumes. Under
+torchrun each rank takes its shard of the list. Stage 3 (:mod:`smaf.stages.gen_pm`) calls
+:func:`generate_fused_outputs` with the self-trained model.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .. import dist
+from ..cam import class_feature_means, fuse_image, label_from_maps
+from ..checkpoint import load_model
+from ..data.voc import InferenceDataset, collate_single
+from ..io import AsyncWriter, save_cam_dict, save_label_png, save_panel, overlay, heatmap
+from .common import default_workers, layout_from, pick, prepare_output
+
+
+def _write_outputs(out_dir: Path, image_id: str, classes: list, maps: np.ndarray, label: np.ndarray,
+                   proto_stats: dict | None) -> None:
+    # The PNG is written last: its presence marks the image as finished for resume.
+    save_cam_dict(out_dir / "cam_npy" / f"{image_id}.npy", {c: maps[i] for i, c in enumerate(classes)})
+    if proto_stats is not None:
+        save_cam_dict(out_dir / "proto_stats" / f"{image_id}.npy", {k: v.numpy() for k, v in proto_stats.items()})
+    save_label_png(out_dir / "cam_png" / f"{image_id}.png", label)
+
+
+def _write_overlay(out_dir: Path, image_id: str, image: np.ndarray, maps: np.ndarray, label: np.ndarray) -> None:
+    heat = maps.max(0) if len(maps) else np.zeros(image.shape[:2], np.float32)
+    save_panel(out_dir / "overlays" / f"{image_id}.jpg",
+               [image, overlay(image, heat=heat), overlay(image, label=label)],
+               ["image", "fused attention", "label (bg thr)"])
+
+
+def is_finished(out_dir: Path, image_id: str, prototypes: bool) -> bool:
+    done = (out_dir / "cam_png" / f"{image_id}.png").is_file() and (out_dir / "cam_npy" / f"{image_id}.npy").is_file()
+    return done and (not prototypes or (out_dir / "proto_stats" / f"{image_id}.npy").is_file())
+
+
+def generate_fused_outputs(cfg, model, layout, ids: list, out_dir: Path, device, logger, bg_threshold: float,
+                           num_overlays: int, prototypes: bool, desc: str) -> int:
+    """Write cam_npy/, cam_png/ (and proto_stats/ when ``prototypes``) for this rank's share of ``ids``.
+
+    Returns the number of images processed (skipped finished ones excluded)."""
+    fus = cfg.fusion
+    model.eval()
+    if fus.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    overlay_ids = set(ids[:num_overlays])
+    mine = dist.shard(ids)
+    todo = [i for i in mine if not is_finished(out_dir, i, prototypes)]
+    if len(todo) < len(mine):
+        logger.info("%d of %d images already done (skipped)", len(mine) - len(todo), len(mine))
+    if not todo:
+        return 0
+    for sub in ("cam_npy", "cam_png") + (("proto_stats",) if prototypes else ()):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    dataset = InferenceDataset(layout, todo, scales=fus.scales)
+    workers = default_workers(cfg.num_workers)
+    loader = DataLoader(dataset, batch_size=1, num_workers=workers, collate_fn=collate_single,
+                        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+    with AsyncWriter(threads=2, max_pending=16) as writer:
+        for sample in tqdm(loader, total=len(todo), desc=desc, disable=not dist.is_main(), dynamic_ncols=True):
+            image = sample["image"]
+            result = fuse_image(model, sample["scaled"], sample["labels"], image.shape[:2], flip=fus.flip,
+                                amp=cfg.amp, channels_last=fus.channels_last, with_feature=prototypes,
+                                scales=fus.scales)
+            label = label_from_maps(result, bg_threshold)
+            stats = (class_feature_means(result.feature, label, layout.num_classes, fus.prototype_min_pixels)
+                     if prototypes else None)
+            maps_np, label_np = result.maps.cpu().numpy(), label.cpu().numpy()
+            writer.submit(_write_outputs, out_dir, sample["id"], result.classes, maps_np, label_np, stats)
+            if sample["id"] in overlay_ids:
+                writer.submit(_write_overlay, out_dir, sample["id"], image, maps_np, label_np)
+    return len(todo)
+
+
+def aggregate_prototypes(out_dir: Path, ids: list, num_classes: int, feat_dim: int) -> tuple:
+    """Prototype k = mean over images of the image's mean feature over pixels assigned to k
+    (``proto_stats/<id>.npy``). Returns ((C+1, D) float32 tensor, (C+1,) image counts)."""
+    sums = torch.zeros(num_classes + 1, feat_dim, dtype=torch.float64)
+    counts = torch.zeros(num_classes + 1, dtype=torch.long)
+    from ..io import load_cam_dict
+
+    for image_id in ids:
+        for k, v in load_cam_dict(out_dir / "proto_stats" / f"{image_id}.npy").items():
+            sums[k] += torch.from_numpy(v).double()
+            counts[k] += 1
+    protos = (sums / counts.clamp(min=1).unsqueeze(1)).float()
+    return protos, counts
+
+
+def evaluate_outputs(cfg, layout, out_dir: Path, subfolder: str, eval_ids: list, logger, done_ids: set,
+                     name: str | None = None) -> dict | None:
+    """mIoU of ``<out_dir>/<subfolder>/*.png`` on ``eval_ids`` when masks exist and every id was produced."""
+    from ..evaluate import evaluate_folder, write_report
+    from ..metrics import format_table
+
+    if not layout.has_masks(eval_ids):
+        logger.info("no ground-truth masks for the evaluation list: evaluation skipped")
+        return None
+    missing = [i for i in eval_ids if i not in done_ids]
+    if missing:
+        logger.info("evaluation skipped: %d ids of the evaluation list were not generated (e.g. %s)",
+                    len(missing), missing[0])
+        return None
+    result = evaluate_folder(out_dir / subfolder, layout.mask_dir, eval_ids,
+                             ["background"] + layout.class_names, desc=f"eval {subfolder}")
+    write_report(result, out_dir / "eval", name or subfolder)
+    logger.info("%s", format_table(result, title=f"{out_dir.name}/{subfolder} on {len(eval_ids)} images"))
+    return result
+
+
+def run(cfg) -> dict:
+    """Stage 1. Returns {'miou': float or None, 'out_dir': Path, 'num_images': int}."""
+    fus = cfg.fusion
+    out_dir, logger, device = prepare_output(cfg, fus.out_subdir, "gen_fusion")
+    layout = layout_from(cfg)
+    ids = layout.read_list(pick(fus.list, cfg.data.train_list))
+    eval_ids = layout.read_list(pick(fus.eval_list, cfg.data.infer_list))
+    ckpt = pick(fus.checkpoint, str(Path(cfg.work_dir) / "train_cls" / "final.pth"))
+    model, meta = load_model(ckpt, producer="stage 0 (bash script/train_cls.sh)", device=device)
+    logger.info("model %s/%s from %s | %d images | scales %s flip %s", meta["backbone"], meta["head"], ckpt,
+                len(ids), list(fus.scales), fus.flip)
+    generate_fused_outputs(cfg, model, layout, ids, out_dir, device, logger, fus.bg_threshold, fus.overlays,
+                           prototypes=True, desc="fusion")
+    dist.barrier()
+    result = {"out_dir": out_dir, "num_images": len(ids), "miou": None}
+    if dist.is_main():
+        protos, counts = aggregate_prototypes(out_dir, ids, layout.num_classes, meta["feat_dim"])
+        torch.save({"prototypes": protos, "image_counts": counts, "class_names": layout.class_names + ["background"]},
+                   out_dir / "prototypes.pt")
+        empty = [n for n, c in zip(layout.class_names + ["background"], counts.tolist()) if c == 0]
+        logger.info("prototypes (%d x %d) -> %s%s", protos.shape[0], protos.shape[1], out_dir / "prototypes.pt",
+                    f"; no image contributed to: {', '.join(empty)}" if empty else "")
+        evaluation = evaluate_outputs(cfg, layout, out_dir, "cam_png", eval_ids, logger, set(ids))
+        result["miou"] = evaluation["miou"] if evaluation else None
+    dist.barrier()
+    return result
+
+
+def main(argv=None):
+    from .common import stage_main
+
+    stage_main(run, "Stage 1: multi-scale attention fusion (fused CAMs, PNGs, prototypes).", argv)
+
+
+if __name__ == "__main__":
+    main()

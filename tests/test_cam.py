@@ -1,0 +1,176 @@
+"""Fused multi-scale attention maps (stage 1's code path) against an independent per-image NumPy
+implementation; prototypes against a direct computation; resume skips finished images."""
+import logging
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from smaf.cam import class_feature_means, fuse_image, label_from_maps
+from smaf.config import load_config
+from smaf.data.transforms import normalize, resize_image
+from smaf.data.voc import InferenceDataset, VOCLayout
+from smaf.io import load_cam_dict, load_label_png
+from smaf.models.cam_net import CAMNet
+from smaf.stages.gen_fusion import aggregate_prototypes, generate_fused_outputs
+
+SCALES = (0.5, 1.0, 1.5, 2.0)
+
+
+class TinyBackbone(nn.Module):
+    """Stride-8 conv stack: enough structure for position-dependent CAMs, fast on CPU."""
+    out_channels = 24
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 24, 3, 2, 1), nn.ReLU(),
+                                  nn.Conv2d(24, 24, 3, 2, 1))
+
+    def forward(self, x):
+        return {"conv6": self.body(x)}
+
+
+def tiny_model(head: str, num_classes: int = 5, seed: int = 0) -> CAMNet:
+    torch.manual_seed(seed)
+    model = CAMNet(TinyBackbone(), num_classes, head=head, feat_dim=8)
+    for p in model.parameters():  # make the maps far from uniform
+        p.data.mul_(3.0)
+    return model.eval()
+
+
+def numpy_fused(model, image, labels, scales=SCALES, flip=True):
+    """Straightforward reference: one forward per scale and flip, post-processing in NumPy."""
+    h, w = image.shape[:2]
+    total = np.zeros((len(labels), h, w), np.float64)
+    for s in scales:
+        scaled = resize_image(image, (max(1, round(h * s)), max(1, round(w * s))))
+        for flipped in ((False, True) if flip else (False,)):
+            x = normalize(scaled[:, ::-1] if flipped else scaled)
+            with torch.no_grad():
+                cam = model(torch.from_numpy(np.ascontiguousarray(x))[None])[1][0].numpy().astype(np.float64)
+            if model.has_background:
+                e = np.exp(cam - cam.max(0, keepdims=True))
+                act = (e / e.sum(0, keepdims=True))[:-1]
+            else:
+                act = np.maximum(cam, 0)
+            for c in range(act.shape[0]):
+                up = cv2.resize(act[c].astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+                total[c] += up[:, ::-1] if flipped else up
+    total *= np.asarray(labels)[:, None, None]
+    total /= total.reshape(len(labels), -1).max(1)[:, None, None] + 1e-5
+    return total
+
+
+@pytest.mark.parametrize("head", ["smaf", "cls"])
+@pytest.mark.parametrize("size", [(37, 53), (64, 64), (81, 45)])
+def test_fused_maps_equal_numpy_reference(head, size):
+    rng = np.random.default_rng(size[0])
+    image = rng.integers(0, 255, (*size, 3), dtype=np.uint8)
+    image = cv2.GaussianBlur(image, (5, 5), 2)
+    labels = np.array([1, 0, 1, 0, 1], np.float32)
+    model = tiny_model(head)
+    scaled = [torch.from_numpy(normalize(resize_image(image, (round(size[0] * s), round(size[1] * s)))))
+              for s in SCALES]
+    result = fuse_image(model, scaled, torch.from_numpy(labels), size, flip=True)
+    expected = numpy_fused(model, image, labels)
+    assert result.classes == [0, 2, 4]
+    np.testing.assert_allclose(result.maps.numpy(), expected[[0, 2, 4]], atol=1e-5)
+    assert result.maps.amax((1, 2)).min() > 0.99  # each class normalised by its maximum
+
+
+def test_single_scale_is_the_same_code():
+    image = np.random.default_rng(1).integers(0, 255, (40, 52, 3), dtype=np.uint8)
+    labels = np.array([0, 1, 0, 0, 1], np.float32)
+    model = tiny_model("smaf")
+    result = fuse_image(model, [torch.from_numpy(normalize(image))], torch.from_numpy(labels), (40, 52), flip=False)
+    np.testing.assert_allclose(result.maps.numpy(), numpy_fused(model, image, labels, (1.0,), False)[[1, 4]],
+                               atol=1e-5)
+
+
+def test_label_from_maps_uses_voc_numbering():
+    from smaf.cam import FusedResult
+
+    maps = torch.tensor([[[0.1, 0.9, 0.3]], [[0.5, 0.2, 0.1]]])
+    label = label_from_maps(FusedResult([1, 3], maps), bg_threshold=0.25)
+    assert label.tolist() == [[4, 2, 2]]
+
+
+def test_class_feature_means_direct():
+    feature = torch.arange(2 * 4 * 4, dtype=torch.float32).view(2, 4, 4)
+    label = torch.zeros(8, 8, dtype=torch.uint8)
+    label[:, 4:] = 3            # class 2 on the right half: 8 feature pixels
+    label[0:2, 0:2] = 1         # class 0 on one feature pixel only (< min_pixels)
+    means = class_feature_means(feature, label, num_classes=5, min_pixels=2)
+    small = label[::2, ::2]
+    assert set(means) == {2, 5}   # class 2, background last (index C = 5); class 0 skipped (1 pixel)
+    for index, value in ((2, 3), (5, 0)):
+        mask = (small == value).flatten()
+        np.testing.assert_allclose(means[index].numpy(), feature.view(2, -1)[:, mask].mean(1).numpy(), rtol=1e-6)
+
+
+def _cfg(root, tmp_path, **extra):
+    overrides = [f"data.root={root}", "data.cls_labels=", f"work_dir={tmp_path}", "num_workers=0",
+                 f"data.train_list={root}/ImageSets/Segmentation/train.txt",
+                 f"data.infer_list={root}/ImageSets/Segmentation/train.txt"]
+    return load_config("voc12", overrides + [f"{k}={v}" for k, v in extra.items()])
+
+
+def test_stage1_outputs_match_reference_prototypes_and_resume(tiny_voc, tmp_path):
+    cfg = _cfg(tiny_voc, tmp_path)
+    layout = VOCLayout.from_config(cfg)
+    ids = layout.read_list(cfg.data.train_list)[:5]
+    model = tiny_model("smaf")
+    out_dir = tmp_path / "fusion"
+    logger = logging.getLogger("test")
+    n = generate_fused_outputs(cfg, model, layout, ids, out_dir, torch.device("cpu"), logger, 0.2, 2,
+                               prototypes=True, desc="test")
+    assert n == 5
+    for image_id in ids:
+        image = layout.load_image(image_id)
+        labels = layout.labels[image_id]
+        expected = numpy_fused(model, image, labels)
+        cams = load_cam_dict(out_dir / "cam_npy" / f"{image_id}.npy")
+        assert sorted(cams) == np.nonzero(labels)[0].tolist()
+        for c, m in cams.items():
+            np.testing.assert_allclose(m, expected[c], atol=1e-5)
+        png = load_label_png(out_dir / "cam_png" / f"{image_id}.png")
+        bg = np.full((1, *image.shape[:2]), 0.2)
+        np.testing.assert_array_equal(png, np.argmax(np.concatenate([bg, expected]), 0))
+    assert len(list((out_dir / "overlays").glob("*.jpg"))) == 2
+
+    # prototypes: mean over images of per-image class-mean features of the scale-1 pass (direct computation)
+    protos, counts = aggregate_prototypes(out_dir, ids, layout.num_classes, 8)
+    sums, cnt = np.zeros((6, 8)), np.zeros(6)
+    for image_id in ids:
+        image = layout.load_image(image_id)
+        with torch.no_grad():
+            f = model(torch.from_numpy(normalize(image))[None])[2][0].numpy()
+        png = load_label_png(out_dir / "cam_png" / f"{image_id}.png")
+        small = cv2.resize(png, (f.shape[2], f.shape[1]), interpolation=cv2.INTER_NEAREST)
+        for value in np.unique(small):
+            mask = small == value
+            if mask.sum() >= cfg.fusion.prototype_min_pixels:
+                k = 5 if value == 0 else value - 1
+                sums[k] += f[:, mask].mean(1)
+                cnt[k] += 1
+    np.testing.assert_array_equal(counts.numpy(), cnt)
+    seen = cnt > 0
+    np.testing.assert_allclose(protos.numpy()[seen], (sums[seen] / cnt[seen, None]), rtol=1e-5, atol=1e-6)
+
+    # resume: finished images are skipped, a missing one is redone
+    (out_dir / "cam_png" / f"{ids[1]}.png").unlink()
+    again = generate_fused_outputs(cfg, model, layout, ids, out_dir, torch.device("cpu"), logger, 0.2, 0,
+                                   prototypes=True, desc="test")
+    assert again == 1
+    assert (out_dir / "cam_png" / f"{ids[1]}.png").is_file()
+
+
+def test_inference_dataset_matches_reference_resize(tiny_voc):
+    layout = VOCLayout(tiny_voc)
+    ids = layout.read_list(tiny_voc / "ImageSets/Segmentation/val.txt")[:1]
+    sample = InferenceDataset(layout, ids, scales=SCALES)[0]
+    h, w = sample["image"].shape[:2]
+    for s, x in zip(SCALES, sample["scaled"]):
+        assert tuple(x.shape) == (3, round(h * s), round(w * s))
