@@ -53,9 +53,10 @@ def crf_refine_labels(image: np.ndarray, label: np.ndarray, params: CRFParams = 
     compact = lut[label]
     unary = unary_from_labels(compact, len(values), gt_prob=params.gt_prob, zero_unsure=True)
     crf = dcrf.DenseCRF2D(w, h, len(values))
-    crf.setUnaryEnergy(np.ascontiguousarray(unary))          # pydensecrf needs C-contiguous arrays
+    # pydensecrf needs C-contiguous, writable buffers (decoded images are often read-only views).
+    crf.setUnaryEnergy(np.array(unary, dtype=np.float32, order="C"))
     crf.addPairwiseGaussian(sxy=params.gauss_sxy, compat=params.gauss_compat)
     crf.addPairwiseBilateral(sxy=params.bi_sxy, srgb=params.bi_srgb,
-                             rgbim=np.ascontiguousarray(image, dtype=np.uint8), compat=params.bi_compat)
+                             rgbim=np.array(image, dtype=np.uint8, order="C"), compat=params.bi_compat)
     q = np.array(crf.inference(params.iterations)).reshape(len(values), h, w)
     return np.asarray(values, dtype=np.uint8)[q.argmax(0)]

@@ -81,8 +81,7 @@ class Validator:
             return None
         was_training = model.training
         model.eval()
-        k = self.layout.num_classes + 1
-        conf = np.zeros((k, k), dtype=np.int64)
+        conf = 0
         loader = DataLoader(InferenceDataset(self.layout, self.ids, scales=(1.0,)), batch_size=1,
                             num_workers=self.workers, collate_fn=collate_single,
                             generator=torch.Generator())  # never consume the global RNG (exact resume)
@@ -90,7 +89,7 @@ class Validator:
             result = fuse_image(model, sample["scaled"], sample["labels"], sample["image"].shape[:2], flip=False,
                                 amp=self.amp)
             pred = label_from_maps(result, self.bg).cpu().numpy()
-            conf += confusion_matrix(pred, self.layout.load_mask(sample["id"]), self.layout.num_classes)
+            conf = conf + confusion_matrix(pred, self.layout.load_mask(sample["id"]), self.layout.num_classes)
         model.train(was_training)
         return scores(conf, ["background"] + self.layout.class_names)["miou"]
 

@@ -27,3 +27,14 @@ def voc_meta() -> Path:
     if not (VOC_META / "SegmentationClassAug_val").is_dir():
         pytest.skip(f"VOC metadata not found at {VOC_META} (../shared beside the repo, or set SMAF_SHARED)")
     return VOC_META
+
+
+@pytest.fixture(scope="session")
+def tiny_voc(tmp_path_factory) -> Path:
+    """A tiny synthetic VOC-layout root (12 train + 6 val images, 64-96 px, 5 classes) with masks, synthetic
+    saliency, cls_labels.npy, labels.txt and ImageSets/Segmentation/{train,val}.txt; generated once per session
+    (well under a second). Treat it as read-only: other tests share it."""
+    from smaf.data.synthetic import make_synthetic_dataset
+
+    return make_synthetic_dataset(tmp_path_factory.mktemp("tiny_voc") / "voc", num_train=12, num_val=6, seed=0,
+                                  min_size=64, max_size=96, num_classes=5)

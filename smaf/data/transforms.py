@@ -39,10 +39,10 @@ def resize_maps(maps: np.ndarray, size: tuple[int, int], interpolation=cv2.INTER
     if maps.ndim == 2:
         return cv2.resize(maps, (w, h), interpolation=interpolation)
     out = np.empty((maps.shape[0], h, w), dtype=maps.dtype)
-    for start in range(0, maps.shape[0], 256):  # cv2 handles at most 512 channels at once
-        chunk = np.ascontiguousarray(maps[start:start + 256].transpose(1, 2, 0))
+    for start in range(0, maps.shape[0], 128):  # cv2 takes at most CV_CN_MAX channels: 512 in 4.x, 128 in 5.x
+        chunk = np.ascontiguousarray(maps[start:start + 128].transpose(1, 2, 0))
         res = cv2.resize(chunk, (w, h), interpolation=interpolation)
-        out[start:start + 256] = res.reshape(h, w, -1).transpose(2, 0, 1)
+        out[start:start + 128] = res.reshape(h, w, -1).transpose(2, 0, 1)
     return out
 
 

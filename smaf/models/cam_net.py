@@ -1,0 +1,125 @@
+"""The CAM network shared by every stage: a backbone + the SMAF head.
+
+head "smaf" (EPS layout, background LAST)::
+
+    backbone conv6 (B, D, h, w) -> 1x1 conv D->feat_dim (no bias) -> BatchNorm2d -> ReLU = f (B, feat_dim, h, w)
+                                -> 1x1 conv feat_dim->C+1 (no bias)             = cam (B, C+1, h, w)
+    logits = global average pool of cam (B, C+1)
+
+channels 0..C-1 are the foreground classes, channel C the background. head "cls" is the same with C outputs
+(a plain CAM classifier, no background channel); :meth:`CAMNet.add_background_channel` turns it into "smaf".
+
+Every BatchNorm of the network, the head's included, stays in eval mode with frozen affine parameters even after
+``.train()`` (as the reference's ``train()`` override does): batch statistics of 8 crops never leak into the
+features, and data-parallel training gives the same result as one process. The head's BN therefore keeps its
+initial state (running mean 0, var 1, weight 1, bias 0): a fixed per-channel scale of 1/sqrt(1 + eps).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+HEAD_TYPES = ("smaf", "cls")
+_BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def freeze_batchnorm(module: nn.Module) -> nn.Module:
+    """Put every BatchNorm in ``module`` in eval mode (running statistics used, never updated) and stop the
+    gradient of its affine parameters. Returns ``module``."""
+    for layer in module.modules():
+        if isinstance(layer, _BATCHNORM_TYPES):
+            layer.eval()
+            for param in layer.parameters(recurse=False):
+                param.requires_grad_(False)
+    return module
+
+
+class CAMNet(nn.Module):
+    """Backbone + CAM head.
+
+    Args:
+        backbone: a module whose ``forward(x)`` returns a dict with ``'conv6'`` (B, D, h, w) and which has an
+            ``out_channels`` attribute (= D), e.g. ResNet38d (D 4096, stride 8) or EfficientNetLite0 (D 1280).
+        num_classes: C, the number of foreground classes.
+        head: "smaf" (C+1 outputs, background last) or "cls" (C outputs).
+        feat_dim: channels of the feature f (128 in SMAF).
+
+    Attributes: ``num_classes`` (C), ``has_background`` (bool), ``num_outputs`` (K = C+1 or C), ``feat_dim``.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, head: str = "smaf", feat_dim: int = 128):
+        super().__init__()
+        if head not in HEAD_TYPES:
+            raise ValueError(f"CAMNet: head must be one of {', '.join(HEAD_TYPES)}, got '{head}'")
+        if num_classes < 1:
+            raise ValueError(f"CAMNet: num_classes must be >= 1, got {num_classes}")
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.has_background = head == "smaf"
+        self.feat_dim = feat_dim
+        self.feature_conv = nn.Conv2d(backbone.out_channels, feat_dim, 1, bias=False)
+        self.feature_bn = nn.BatchNorm2d(feat_dim)
+        self.feature_relu = nn.ReLU(inplace=True)
+        self.classifier = nn.Conv2d(feat_dim, self.num_outputs, 1, bias=False)
+        nn.init.xavier_uniform_(self.feature_conv.weight)
+        nn.init.xavier_uniform_(self.classifier.weight)
+        freeze_batchnorm(self)
+
+    @property
+    def num_outputs(self) -> int:
+        """K: CAM channels (C+1 with the background channel, else C)."""
+        return self.num_classes + 1 if self.has_background else self.num_classes
+
+    def head_modules(self) -> list[nn.Module]:
+        """The newly initialised layers (trained with the 10x / 20x learning rates)."""
+        return [self.feature_conv, self.feature_bn, self.classifier]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, 3, H, W) ImageNet-normalised RGB -> (logits (B, K), cam (B, K, h, w), f (B, feat_dim, h, w)),
+        with (h, w) = the backbone's feature size (H/8 for ResNet-38) and logits = mean of cam over h, w."""
+        features = self.backbone(x)["conv6"]
+        f = self.feature_relu(self.feature_bn(self.feature_conv(features)))
+        cam = self.classifier(f)
+        logits = cam.mean(dim=(2, 3))
+        # A backbone may run channels-last (EfficientNet on CPU); callers get ordinary contiguous maps (cheap:
+        # feat_dim and K channels), so .view() works on them.
+        return logits, cam.contiguous(), f.contiguous()
+
+    def forward_cam(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference: the raw cam (B, K, h, w), the same tensor as ``forward(x)[1]``."""
+        return self.forward(x)[1]
+
+    def train(self, mode: bool = True) -> "CAMNet":
+        super().train(mode)
+        freeze_batchnorm(self)
+        return self
+
+    def param_groups(self) -> list[list[nn.Parameter]]:
+        """[pretrained weights, pretrained biases, new weights, new biases] for the poly SGD (lr x1, x2, x10,
+        x20). "pretrained" = the backbone (whether or not it was initialised from ImageNet), "new" = the head.
+        Only parameters with ``requires_grad`` are listed: frozen BN and stem convs are in no group."""
+        head_param_ids = {id(p) for m in self.head_modules() for p in m.parameters()}
+        groups: list[list[nn.Parameter]] = [[], [], [], []]
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            is_new = id(param) in head_param_ids
+            is_bias = name.endswith("bias")
+            groups[2 * is_new + is_bias].append(param)
+        return groups
+
+    @torch.no_grad()
+    def add_background_channel(self) -> None:
+        """Turn a "cls" head (C outputs) into the "smaf" head (C+1) in place, for self-training from a plain CAM
+        classifier: the C trained class rows are kept, the new background row (channel C, last) is freshly
+        initialised with xavier-uniform as if the (C+1)-row layer were new. The classifier weight becomes a new
+        Parameter: build the optimiser after calling this."""
+        if self.has_background:
+            raise ValueError("CAMNet.add_background_channel: the head already has a background channel")
+        old = self.classifier
+        new = nn.Conv2d(self.feat_dim, self.num_classes + 1, 1, bias=False).to(old.weight.device, old.weight.dtype)
+        nn.init.xavier_uniform_(new.weight)
+        new.weight[: self.num_classes] = old.weight
+        new.weight.requires_grad_(old.weight.requires_grad)
+        self.classifier = new
+        self.has_background = True

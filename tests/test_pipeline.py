@@ -1,0 +1,206 @@
+"""The four stages on a tiny synthetic set: training steps, exact resume, EMA/prototype updates, the CRF
+step, and an end-to-end run that must produce every promised file."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from smaf.checkpoint import load_model, read_checkpoint
+from smaf.config import load_config
+from smaf.crf import CRFParams, crf_refine_labels
+from smaf.stages import crf as crf_stage
+from smaf.stages import gen_fusion, gen_pm, train_cls, train_fusion
+from smaf.stages.train_fusion import PrototypeBank, ema_update
+
+
+def tiny_cfg(root, work_dir, *extra):
+    lst = f"{root}/ImageSets/Segmentation"
+    return load_config("demo", [
+        f"work_dir={work_dir}", f"data.root={root}", f"data.train_list={lst}/train.txt",
+        f"data.infer_list={lst}/train.txt", f"data.val_list={lst}/val.txt", "num_workers=0",
+        "train_cls.crop=64", "train_cls.resize_long=[56,96]", "train_cls.batch_size=4", "train_cls.iterations=4",
+        "train_cls.ckpt_every=2", "train_cls.val_every=2", "train_cls.val_max_images=2", "train_cls.log_every=2",
+        "train_fusion.crop=64", "train_fusion.resize_long=[56,96]", "train_fusion.batch_size=4",
+        "train_fusion.iterations=4", "train_fusion.ckpt_every=2", "train_fusion.val_every=2",
+        "train_fusion.val_max_images=2", "train_fusion.log_every=2", "fusion.scales=[0.5,1.0,1.5]",
+        "fusion.overlays=2", "pseudo_masks.overlays=2", "crf.overlays=2", "crf.workers=2", *extra])
+
+
+def _weights(path):
+    return read_checkpoint(path)["model"]
+
+
+def _assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_voc, tmp_path_factory):
+    """Stages 0-3 (+ CRF) run once on the tiny set; returns (cfg, results)."""
+    work = tmp_path_factory.mktemp("pipeline")
+    cfg = tiny_cfg(tiny_voc, work)
+    results = {"final_cls": train_cls.run(cfg), "fusion": gen_fusion.run(cfg)}
+    results["final_fusion"] = train_fusion.run(cfg)
+    results["pm"] = gen_pm.run(cfg)
+    return cfg, results
+
+
+def test_end_to_end_produces_every_promised_file(pipeline, tiny_voc):
+    cfg, results = pipeline
+    work = cfg.work_dir
+    from pathlib import Path
+
+    work = Path(work)
+    ids = (tiny_voc / "ImageSets/Segmentation/train.txt").read_text().split()
+    for stage in ("train_cls", "train_fusion"):
+        d = work / stage
+        for name in ("final.pth", "config.yaml", "log.txt", "metrics.jsonl"):
+            assert (d / name).is_file(), d / name
+        assert list((d / "checkpoints").glob("iter_*.pth"))
+    assert (work / "train_fusion" / "final_teacher.pth").is_file()
+    fusion = work / "fusion"
+    for image_id in ids:
+        assert (fusion / "cam_npy" / f"{image_id}.npy").is_file()
+        assert (fusion / "cam_png" / f"{image_id}.png").is_file()
+        for sub in ("cam_npy", "cam_png", "crf_png"):
+            assert (work / "pseudo_masks" / sub / f"{image_id}.png").with_suffix(
+                ".npy" if sub == "cam_npy" else ".png").is_file()
+    protos = torch.load(fusion / "prototypes.pt")["prototypes"]
+    assert protos.shape == (6, 128) and torch.isfinite(protos).all()
+    assert (fusion / "eval" / "cam_png.json").is_file()
+    assert (work / "pseudo_masks" / "eval" / "cam_png.json").is_file()
+    assert (work / "pseudo_masks" / "eval" / "crf_png.json").is_file()
+    assert len(list((fusion / "overlays").glob("*.jpg"))) == 2
+    assert len(list((work / "pseudo_masks" / "overlays").glob("*_crf.jpg"))) == 2
+    for key in ("miou",):
+        assert 0.0 <= results["fusion"][key] <= 100.0
+    assert 0.0 <= results["pm"]["miou_crf"] <= 100.0
+    val_lines = [ln for ln in (work / "train_cls" / "metrics.jsonl").read_text().splitlines() if "val_miou" in ln]
+    assert val_lines, "periodic validation mIoU was not logged"
+
+
+def test_finished_stages_are_skipped(pipeline):
+    cfg, results = pipeline
+    before = (results["final_cls"]).stat().st_mtime_ns
+    assert train_cls.run(cfg) == results["final_cls"]
+    assert results["final_cls"].stat().st_mtime_ns == before
+    assert gen_fusion.run(cfg)["miou"] == pytest.approx(results["fusion"]["miou"])
+
+
+@pytest.mark.parametrize("stage", ["train_cls", "train_fusion"])
+def test_resumed_run_ends_with_the_same_weights(pipeline, tiny_voc, tmp_path, stage):
+    cfg, _ = pipeline
+    from pathlib import Path
+
+    done = Path(cfg.work_dir) / stage
+    resumed_cfg = tiny_cfg(tiny_voc, tmp_path)
+    # an interrupted run: only the iteration-2 checkpoint of the same run survives
+    (tmp_path / stage / "checkpoints").mkdir(parents=True)
+    shutil.copy(done / "checkpoints" / "iter_0000002.pth", tmp_path / stage / "checkpoints")
+    if stage == "train_fusion":
+        for extra in ("train_cls", "fusion"):
+            shutil.copytree(Path(cfg.work_dir) / extra, tmp_path / extra)
+        final = train_fusion.run(resumed_cfg)
+        _assert_same_weights(_weights(final), _weights(done / "final.pth"))
+        _assert_same_weights(_weights(tmp_path / stage / "final_teacher.pth"), _weights(done / "final_teacher.pth"))
+    else:
+        final = train_cls.run(resumed_cfg)
+        _assert_same_weights(_weights(final), _weights(done / "final.pth"))
+    assert "resumed from" in (tmp_path / stage / "log.txt").read_text()
+
+
+def test_stage0_loss_falls_on_a_fixed_batch(tiny_voc, tmp_path):
+    from smaf.config import Config
+    from smaf.data.transforms import JointTrainTransform
+    from smaf.data.voc import ClassificationDataset, VOCLayout, collate_train
+    from smaf.models import build_model
+    from smaf.optim import build_poly_sgd
+
+    cfg = tiny_cfg(tiny_voc, tmp_path)
+    layout = VOCLayout.from_config(cfg)
+    ids = layout.read_list(cfg.data.train_list)[:4]
+    dataset = ClassificationDataset(layout, ids, JointTrainTransform(64, (56, 96), jitter=(0.3, 0.3, 0.3, 0.1)),
+                                    saliency=True)
+    batch = collate_train([dataset[(i, 100 + i)] for i in range(4)])
+    torch.manual_seed(0)
+    model = build_model(Config(dict(cfg.model, head="smaf")), layout.num_classes).train()
+    optimizer = build_poly_sgd(model.param_groups(), lr=0.01, weight_decay=5e-4, momentum=0.0, max_step=1000)
+    step = train_cls.make_step("eps", layout.num_classes, 0.4, 0.5, torch.device("cpu"))
+    losses = []
+    for it in range(30):
+        loss, _ = step(model, batch, it)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+
+
+def test_cam_loss_model_gets_a_background_channel_in_stage2(tiny_voc, tmp_path):
+    cfg = tiny_cfg(tiny_voc, tmp_path, "train_cls.loss=cam", "train_cls.iterations=2", "train_fusion.iterations=2",
+                   "fusion.scales=[1.0]", "fusion.flip=false")
+    train_cls.run(cfg)
+    model, meta = load_model(tmp_path / "train_cls" / "final.pth")
+    assert meta["head"] == "cls" and model.num_outputs == 5
+    gen_fusion.run(cfg)
+    student, meta2 = load_model(train_fusion.run(cfg))
+    assert meta2["head"] == "smaf" and student.num_outputs == 6
+    # the C trained rows were kept from stage 0 before training moved them; the shapes tell the layout
+    assert student.classifier.weight.shape[0] == 6
+
+
+def test_missing_stage_outputs_give_one_line_errors(tiny_voc, tmp_path):
+    import subprocess
+    import sys
+
+    lst = f"{tiny_voc}/ImageSets/Segmentation/train.txt"
+    cmd = [sys.executable, "-m", "smaf.stages.gen_fusion", "--config", "demo", f"work_dir={tmp_path}",
+           f"data.root={tiny_voc}", f"data.train_list={lst}", f"data.infer_list={lst}"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    assert "train_cls" in out.stderr.strip().splitlines()[-1] and "error:" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "smaf.stages.train_cls", "--config", "demo",
+                          f"data.root={tmp_path}/nowhere"], capture_output=True, text=True)
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode != 0 and "dataset/README.md" in last and "Traceback" not in out.stderr
+
+
+def test_ema_and_prototype_updates():
+    torch.manual_seed(0)
+    student, teacher = torch.nn.Conv2d(2, 3, 1), torch.nn.Conv2d(2, 3, 1)
+    bn_s, bn_t = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    bn_s.running_mean.fill_(2.0)
+    expected = 0.9 * teacher.weight.detach() + 0.1 * student.weight.detach()
+    ema_update(teacher, student, 0.9)
+    assert torch.allclose(teacher.weight, expected)
+    ema_update(bn_t, bn_s, 0.9)
+    assert torch.equal(bn_t.running_mean, bn_s.running_mean)  # buffers are copied, not averaged
+
+    bank = PrototypeBank(torch.zeros(3, 2), momentum=0.5, min_pixels=1)
+    # C = 2 classes + background; teacher cam makes class 0 win the left column, background the right
+    cam = torch.tensor([[[[5.0, -5.0]], [[0.0, 0.0]], [[0.0, 5.0]]]])          # (1, 3, 1, 2)
+    feature = torch.tensor([[[[1.0, 3.0]], [[2.0, 4.0]]]])                      # (1, 2, 1, 2)
+    sums, counts = bank.batch_class_means(cam, feature, torch.tensor([[1.0, 0.0]]))
+    assert counts.tolist() == [1, 0, 1]
+    bank.update(sums, counts)
+    assert bank.prototypes.tolist() == [[0.5, 1.0], [0.0, 0.0], [1.5, 2.0]]
+
+
+def test_crf_improves_a_noisy_two_region_labelling():
+    rng = np.random.default_rng(0)
+    image = np.full((60, 90, 3), 40, np.uint8)
+    image[15:45, 30:70] = (200, 60, 60)
+    image = np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
+    truth = np.zeros((60, 90), np.uint8)
+    truth[15:45, 30:70] = 3
+    noisy = truth.copy()
+    flips = rng.random(truth.shape) < 0.2
+    noisy[flips] = np.where(truth[flips] == 3, 0, 3)
+    refined = crf_refine_labels(image, noisy, CRFParams())
+    assert (refined == truth).mean() > (noisy == truth).mean() + 0.15
+    assert (refined == truth).mean() > 0.97   # the rectangle keeps its shape
+    assert set(np.unique(refined)) <= {0, 3}
