@@ -200,9 +200,8 @@ def save_overlay(path: str | os.PathLike, image: np.ndarray, label: np.ndarray |
     return save_image(path, overlay(image, label=label, heat=heat, alpha=alpha))
 
 
-def save_panel(path: str | os.PathLike, tiles: list[np.ndarray], titles: list[str] | None = None,
-               height: int = 160) -> Path:
-    """Write a horizontal strip of RGB tiles (resized to one height) with optional captions."""
+def make_panel(tiles: list[np.ndarray], titles: list[str] | None = None, height: int = 160) -> np.ndarray:
+    """A horizontal strip of RGB tiles resized to one ``height``, with optional captions: uint8 (height, W, 3)."""
     import cv2
 
     row = []
@@ -216,7 +215,13 @@ def save_panel(path: str | os.PathLike, tiles: list[np.ndarray], titles: list[st
             cv2.putText(t, titles[i], (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
         row.append(t)
         row.append(np.full((height, 4, 3), 255, np.uint8))
-    return save_image(path, np.concatenate(row[:-1], 1))
+    return np.concatenate(row[:-1], 1)
+
+
+def save_panel(path: str | os.PathLike, tiles: list[np.ndarray], titles: list[str] | None = None,
+               height: int = 160) -> Path:
+    """Write :func:`make_panel` of the tiles to ``path``."""
+    return save_image(path, make_panel(tiles, titles, height))
 
 
 # -------------------------------------------------------------------------------- background writer

@@ -100,6 +100,14 @@ def test_stride_two_conv_pads_like_tensorflow_same():
     assert conv(torch.randn(1, 2, 7, 9)).shape[-2:] == (4, 5)
 
 
+def test_input_conversion_from_imagenet_normalisation_to_lite_scaling():
+    net = EfficientNetLite0(output_stride=32, pretrained=False)
+    pixels = torch.tensor([0.0, 127.0, 255.0]).view(1, 1, 3, 1).expand(1, 3, 3, 1)
+    imagenet = (pixels / 255.0 - IMAGENET_MEAN.view(1, 3, 1, 1)) / IMAGENET_STD.view(1, 3, 1, 1)
+    assert torch.allclose(net.normalize_input(imagenet), (pixels - 127.0) / 128.0, atol=1e-5)
+    assert "input_scale" not in net.state_dict()  # derived constants, not weights
+
+
 def test_checkpoint_key_mapping():
     assert checkpoint_key_to_module_key("_conv_stem.weight") == "stem_conv.weight"
     assert checkpoint_key_to_module_key("_bn0.running_var") == "stem_bn.running_var"

@@ -24,7 +24,7 @@ def run(cfg) -> dict:
     layout = layout_from(cfg)
     ids = layout.read_list(pick(sect.list, cfg.data.train_list))
     eval_ids = layout.read_list(pick(sect.eval_list, cfg.data.infer_list))
-    ckpt = pick(sect.checkpoint, str(Path(cfg.work_dir) / "train_fusion" / "final.pth"))
+    ckpt = pick(sect.checkpoint, str(Path(cfg.work_dir) / cfg.train_fusion.out_subdir / "final.pth"))
     model, meta = load_model(ckpt, producer="stage 2 (bash script/train_fusion.sh)", device=device)
     logger.info("pseudo masks with %s (%s/%s) on %d images, scales %s flip %s, bg %.2f", ckpt, meta["backbone"],
                 meta["head"], len(ids), list(cfg.fusion.scales), cfg.fusion.flip, sect.bg_threshold)

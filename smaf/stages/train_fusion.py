@@ -10,7 +10,7 @@ whole-image features and mapped into the crop with the transform parameters. Los
 MSE(softmax(student cam), T). After each step the teacher is an EMA of the student and the prototypes
 move towards the teacher's class-mean features (momentum ``proto_momentum``).
 
-Outputs in ``<work_dir>/train_fusion/``: ``final.pth`` (student, used by stage 3), ``final_teacher.pth``
+Outputs in ``<work_dir>/<train_fusion.out_subdir>/``: ``final.pth`` (student, used by stage 3), ``final_teacher.pth``
 (EMA teacher), ``checkpoints/``, ``log.txt``, ``metrics.jsonl``, ``config.yaml``.
 """
 from __future__ import annotations
@@ -99,7 +99,7 @@ def crop_weights(weights_full: torch.Tensor, params: list, size: int) -> torch.T
 def run(cfg):
     """Stage 2. Returns the path of ``final.pth`` (the student)."""
     sect = cfg.train_fusion
-    out_dir, logger, device = prepare_output(cfg, "train_fusion", "train_fusion")
+    out_dir, logger, device = prepare_output(cfg, sect.out_subdir, "train_fusion")
     set_seed(cfg.seed)
     layout = layout_from(cfg)
     num_classes = layout.num_classes

@@ -1,0 +1,168 @@
+"""The whole pipeline in one command, with every stage measured (``bash script/demo.sh``,
+``bash script/bench_pets.sh``).
+
+Runs stage 0 on the training list; stage 1 single-scale (the baseline) and multi-scale on the training
+and validation lists; stage 2 once per denoising setting; stage 3 on both lists for each setting, with the
+CRF step for the config's default setting. Prints one table of mIoU (train = pseudo-mask quality, val)
+with the fixed background threshold of the config (never tuned on ground truth), the wall time of each
+stage, and writes ``summary.json``, ``summary.md`` and ``figure.jpg`` (image | GT | single-scale CAM |
+fused CAM | final mask for a few validation images) into ``work_dir``.
+
+Every stage skips finished outputs, so re-running after an interruption continues where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .config import ConfigError, load_config
+
+
+def derive(cfg, **changes):
+    """A deep copy of ``cfg`` with ``section__key=value`` changes (keys must exist)."""
+    new = copy.deepcopy(cfg)
+    for dotted, value in changes.items():
+        *path, last = dotted.split("__")
+        node = new
+        for part in path:
+            node = node[part]
+        if last not in node:
+            raise ConfigError(f"unknown config key '{'.'.join(path + [last])}'")
+        node[last] = value
+    return new
+
+
+def _variant_name(denoise: bool) -> str:
+    return "denoise_on" if denoise else "denoise_off"
+
+
+def run_pipeline(cfg, denoise_variants=None, splits=("train", "val"), figure_rows: int = 4, log=print) -> dict:
+    """Run and measure every stage. Returns the summary dict (also written to ``<work_dir>/summary.json``)."""
+    from .stages import gen_fusion, gen_pm, train_cls, train_fusion
+
+    default_denoise = bool(cfg.train_fusion.denoise)
+    variants = list(dict.fromkeys(denoise_variants if denoise_variants is not None else [default_denoise]))
+    lists = {"train": (cfg.data.train_list, cfg.data.infer_list), "val": (cfg.data.val_list, cfg.data.val_list)}
+    timings, miou = {}, {split: {} for split in splits}
+
+    def timed(name, fn, *args):
+        start = time.perf_counter()
+        out = fn(*args)
+        timings[name] = round(time.perf_counter() - start, 1)
+        log(f"== {name}: {timings[name]:.1f} s")
+        return out
+
+    timed("stage 0: train classifier", train_cls.run, cfg)
+    for split in splits:
+        gen_list, eval_list = lists[split]
+        single = derive(cfg, fusion__scales=[1.0], fusion__flip=False, fusion__out_subdir=f"fusion_single_{split}",
+                        fusion__list=gen_list, fusion__eval_list=eval_list)
+        miou[split]["single-scale CAM"] = timed(f"stage 1 single-scale ({split})", gen_fusion.run, single)["miou"]
+        multi = derive(cfg, fusion__out_subdir=cfg.fusion.out_subdir if split == "train" else f"fusion_{split}",
+                       fusion__list=gen_list, fusion__eval_list=eval_list)
+        miou[split]["fused multi-scale CAM"] = timed(f"stage 1 multi-scale ({split})", gen_fusion.run, multi)["miou"]
+    for denoise in variants:
+        name = _variant_name(denoise)
+        stage2 = derive(cfg, train_fusion__denoise=denoise, train_fusion__out_subdir=f"train_fusion_{name}")
+        timed(f"stage 2: self-training ({name})", train_fusion.run, stage2)
+        for split in splits:
+            gen_list, eval_list = lists[split]
+            with_crf = denoise == default_denoise
+            stage3 = derive(stage2, pseudo_masks__out_subdir=f"pseudo_masks_{name}_{split}", pseudo_masks__list=gen_list,
+                            pseudo_masks__eval_list=eval_list, pseudo_masks__crf=with_crf, crf__eval_list=eval_list)
+            result = timed(f"stage 3: pseudo masks{' + CRF' if with_crf else ''} ({name}, {split})", gen_pm.run,
+                           stage3)
+            miou[split][f"self-trained ({name.replace('_', ' ')})"] = result["miou"]
+            if with_crf:
+                miou[split][f"self-trained ({name.replace('_', ' ')}) + CRF"] = result["miou_crf"]
+    summary = {"config": cfg.get("config_name", ""), "work_dir": str(cfg.work_dir),
+               "backbone": cfg.model.backbone, "bg_threshold": cfg.fusion.bg_threshold,
+               "bg_threshold_stage3": cfg.pseudo_masks.bg_threshold, "default_denoise": default_denoise,
+               "miou": miou, "timings_s": timings, "total_s": round(sum(timings.values()), 1)}
+    work = Path(cfg.work_dir)
+    summary["figure"] = str(make_figure(cfg, work, _variant_name(default_denoise), figure_rows))
+    (work / "summary.json").write_text(json.dumps(summary, indent=2))
+    (work / "summary.md").write_text(format_summary(summary))
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """Markdown table: one column per method, one row per split; then the stage timings."""
+    splits = list(summary["miou"])
+    columns = list(dict.fromkeys(k for s in splits for k in summary["miou"][s]))
+    lines = [f"| mIoU (%) | {' | '.join(columns)} |", "|---" * (len(columns) + 1) + "|"]
+    for split in splits:
+        cells = [summary["miou"][split].get(c) for c in columns]
+        lines.append(f"| {split} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in cells) + " |")
+    lines += ["", f"background threshold {summary['bg_threshold']:.2f} (fixed by the config, not tuned on ground "
+              f"truth); backbone {summary['backbone']}", "", "| stage | wall time (s) |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in summary["timings_s"].items()]
+    lines.append(f"| total | {summary['total_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def make_figure(cfg, work: Path, variant: str, rows: int) -> Path:
+    """Grid of validation images: image | ground truth | single-scale CAM | fused CAM | final mask (+CRF)."""
+    from .data.voc import VOCLayout
+    from .io import load_cam_dict, load_label_png, make_panel, overlay, save_image
+
+    layout = VOCLayout.from_config(cfg)
+    split = "val" if (work / "fusion_single_val").is_dir() else "train"
+    fused_dir = work / (f"fusion_{split}" if split == "val" else cfg.fusion.out_subdir)
+    final_dir = work / f"pseudo_masks_{variant}_{split}"
+    final_sub = "crf_png" if (final_dir / "crf_png").is_dir() else "cam_png"
+    ids = sorted(p.stem for p in (final_dir / final_sub).glob("*.png"))[:rows]
+    strips = []
+    for image_id in ids:
+        image = layout.load_image(image_id)
+        tiles = [image]
+        gt_path = layout.mask_path(image_id)
+        tiles.append(overlay(image, label=load_label_png(gt_path)) if gt_path and gt_path.is_file() else image)
+        for d in (work / f"fusion_single_{split}", fused_dir):
+            cams = load_cam_dict(d / "cam_npy" / f"{image_id}.npy")
+            heat = np.max(np.stack(list(cams.values())), 0) if cams else np.zeros(image.shape[:2], np.float32)
+            tiles.append(overlay(image, heat=heat))
+        tiles.append(overlay(image, label=load_label_png(final_dir / final_sub / f"{image_id}.png")))
+        strips.append(make_panel(tiles, ["image", "ground truth", "single-scale CAM", "fused CAM",
+                                         "final mask" + (" (CRF)" if final_sub == "crf_png" else "")]))
+    if not strips:
+        return Path()
+    width = max(s.shape[1] for s in strips)
+    grid = np.concatenate([np.pad(s, ((0, 6), (0, width - s.shape[1]), (0, 0)), constant_values=255)
+                           for s in strips], 0)
+    return save_image(work / "figure.jpg", grid)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Run and measure the whole pipeline (stages 0-3 + CRF).")
+    parser.add_argument("--config", default=os.environ.get("CONFIG", "demo"))
+    parser.add_argument("--denoise", choices=("default", "both"), default="default",
+                        help="stage 2 with the config's denoise setting only, or with both settings (ablation)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
+    args = parser.parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .stages.common import EXPECTED_ERRORS
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        variants = [False, True] if args.denoise == "both" else None
+        summary = run_pipeline(cfg, variants)
+    except (*EXPECTED_ERRORS, CheckpointError) as err:
+        if os.environ.get("SMAF_DEBUG"):
+            raise
+        sys.exit(f"error: {str(err).splitlines()[0]}")
+    print()
+    print(format_summary(summary))
+    print(f"overlays: {summary['work_dir']}/*/overlays/   figure: {summary['figure']}   "
+          f"summary: {summary['work_dir']}/summary.md")
+
+
+if __name__ == "__main__":
+    main()
