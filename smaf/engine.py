@@ -61,7 +61,7 @@ class Validator:
 
         self.layout, self.device, self.logger, self.bg = layout, device, logger, bg_threshold
         self.workers = min(2, default_workers(cfg.num_workers))
-        self.amp = cfg.amp
+        self.amp, self.base_long = cfg.amp, cfg.fusion.base_long
         try:
             ids = layout.read_list(list_path) if list_path else []
         except DatasetError as err:
@@ -82,7 +82,7 @@ class Validator:
         was_training = model.training
         model.eval()
         conf = 0
-        loader = DataLoader(InferenceDataset(self.layout, self.ids, scales=(1.0,)), batch_size=1,
+        loader = DataLoader(InferenceDataset(self.layout, self.ids, scales=(1.0,), base_long=self.base_long), batch_size=1,
                             num_workers=self.workers, collate_fn=collate_single,
                             generator=torch.Generator())  # never consume the global RNG (exact resume)
         for sample in loader:

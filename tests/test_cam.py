@@ -174,3 +174,13 @@ def test_inference_dataset_matches_reference_resize(tiny_voc):
     h, w = sample["image"].shape[:2]
     for s, x in zip(SCALES, sample["scaled"]):
         assert tuple(x.shape) == (3, round(h * s), round(w * s))
+
+
+def test_inference_dataset_base_long_rescales_before_the_scales(tiny_voc):
+    layout = VOCLayout(tiny_voc)
+    ids = layout.read_list(tiny_voc / "ImageSets/Segmentation/val.txt")[:2]
+    for sample in InferenceDataset(layout, ids, scales=(0.5, 1.0), base_long=40):
+        h, w = sample["image"].shape[:2]
+        bh, bw = round(h * 40 / max(h, w)), round(w * 40 / max(h, w))
+        assert [tuple(x.shape[1:]) for x in sample["scaled"]] == [(round(bh * 0.5), round(bw * 0.5)), (bh, bw)]
+        assert max(sample["scaled"][1].shape[1:]) == 40

@@ -245,12 +245,14 @@ class InferenceDataset(Dataset):
     """Whole images for CAM inference (stages 1 and 3, validation).
 
     Each item is a dict: ``id``; ``image`` uint8 (H, W, 3) the original RGB image; ``labels`` float32 (C,);
-    ``scaled`` a list with, per scale s, the normalised float32 tensor (3, round(H s), round(W s)) resized
-    bicubically.
+    ``scaled`` a list with, per scale s, the normalised float32 tensor (3, round(h s), round(w s)) resized
+    bicubically, where (h, w) = (H, W), or, with ``base_long`` > 0, the size whose long side is
+    ``base_long`` (maps are still produced at (H, W) by the caller).
     """
 
-    def __init__(self, layout: VOCLayout, ids: list[str], scales=(1.0,)):
+    def __init__(self, layout: VOCLayout, ids: list[str], scales=(1.0,), base_long: int = 0):
         self.layout, self.ids, self.scales = layout, list(ids), tuple(float(s) for s in scales)
+        self.base_long = int(base_long)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -259,10 +261,13 @@ class InferenceDataset(Dataset):
         image_id = self.ids[index]
         image = self.layout.load_image(image_id)
         h, w = image.shape[:2]
+        if self.base_long:
+            ratio = self.base_long / max(h, w)
+            h, w = max(1, round(h * ratio)), max(1, round(w * ratio))
         scaled = []
         for s in self.scales:
             size = (max(1, round(h * s)), max(1, round(w * s)))
-            scaled.append(torch.from_numpy(normalize(resize_image(image, size) if s != 1.0 else image)))
+            scaled.append(torch.from_numpy(normalize(resize_image(image, size))))
         return {"id": image_id, "image": image, "labels": torch.from_numpy(self.layout.labels[image_id].copy()),
                 "scaled": scaled}
 

@@ -70,7 +70,7 @@ def generate_fused_outputs(cfg, model, layout, ids: list, out_dir: Path, device,
         return 0
     for sub in ("cam_npy", "cam_png") + (("proto_stats",) if prototypes else ()):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
-    dataset = InferenceDataset(layout, todo, scales=fus.scales)
+    dataset = InferenceDataset(layout, todo, scales=fus.scales, base_long=fus.base_long)
     workers = default_workers(cfg.num_workers)
     loader = DataLoader(dataset, batch_size=1, num_workers=workers, collate_fn=collate_single,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)

@@ -96,6 +96,42 @@ def crop_weights(weights_full: torch.Tensor, params: list, size: int) -> torch.T
     return F.grid_sample(weights_full, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def make_step(student, teacher, bank: PrototypeBank, num_classes: int, target_size: int, bg_score: float,
+              loss_weight: float, denoise: bool, ema: float, device):
+    """The stage-2 step and its after-step update, for :func:`smaf.engine.train_loop` (also used by
+    :mod:`smaf.bench`).
+
+    ``step(model, batch, iteration) -> (loss, logs)``: teacher forward on the whole image (no gradient), the
+    target (fused map of the crop at ``target_size``, optionally prototype-weighted) and the student's loss;
+    ``after_step(iteration)``: EMA update of the teacher from ``student`` and the prototype update from the
+    teacher's class means of the step (summed over ranks)."""
+    pending = {}
+
+    def step(model, batch, iteration):
+        images = batch["image"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
+        fused = F.interpolate(batch["soft"].to(device, non_blocking=True), size=(target_size, target_size),
+                              mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            _, cam_t, f_t = teacher(batch["full"].to(device, non_blocking=True))
+            weights = None
+            if denoise:
+                w_full = prototype_weights(f_t, bank.prototypes[:num_classes])
+                weights = crop_weights(w_full, batch["params"], target_size)
+            target = self_training_target(fused, labels, bg_score, weights)
+            pending["stats"] = bank.batch_class_means(cam_t, f_t, labels)
+        _, cam_s, _ = model(images)
+        loss = self_training_loss(cam_s, target, loss_weight)
+        return loss, {}
+
+    def after_step(iteration):
+        ema_update(teacher, student, ema)
+        sums, counts = pending.pop("stats")
+        bank.update(dist.all_reduce_sum(sums), dist.all_reduce_sum(counts))
+
+    return step, after_step
+
+
 def run(cfg):
     """Stage 2. Returns the path of ``final.pth`` (the student)."""
     sect = cfg.train_fusion
@@ -126,29 +162,8 @@ def run(cfg):
     transform = JointTrainTransform(sect.crop, sect.resize_long, flip=True, jitter=None)
     dataset = ClassificationDataset(layout, ids, transform, soft_dir=fusion_dir / "cam_npy", full_size=sect.crop)
     target_size = sect.crop // sect.target_stride
-    pending = {}
-
-    def step(model, batch, iteration):
-        images = batch["image"].to(device, non_blocking=True)
-        labels = batch["labels"].to(device, non_blocking=True)
-        fused = F.interpolate(batch["soft"].to(device, non_blocking=True), size=(target_size, target_size),
-                              mode="bilinear", align_corners=False)
-        with torch.no_grad():
-            _, cam_t, f_t = teacher(batch["full"].to(device, non_blocking=True))
-            weights = None
-            if sect.denoise:
-                w_full = prototype_weights(f_t, bank.prototypes[:num_classes])
-                weights = crop_weights(w_full, batch["params"], target_size)
-            target = self_training_target(fused, labels, sect.bg_score, weights)
-            pending["stats"] = bank.batch_class_means(cam_t, f_t, labels)
-        _, cam_s, _ = model(images)
-        loss = self_training_loss(cam_s, target, sect.loss_weight)
-        return loss, {}
-
-    def after_step(iteration):
-        ema_update(teacher, student, sect.ema)
-        sums, counts = pending.pop("stats")
-        bank.update(dist.all_reduce_sum(sums), dist.all_reduce_sum(counts))
+    step, after_step = make_step(student, teacher, bank, num_classes, target_size, sect.bg_score, sect.loss_weight,
+                                 sect.denoise, sect.ema, device)
 
     validator = Validator(cfg, layout, cfg.data.val_list, sect.val_max_images, cfg.fusion.bg_threshold, device, logger)
     logger.info("stage 2: %d images, fused maps from %s, denoise %s, target %dx%d", len(ids), fusion_dir,
