@@ -4,14 +4,16 @@ One run measures, on the same model and the same images:
 
 a. fused-map generation (stages 1 and 3): OUR path, :func:`smaf.stages.gen_fusion.generate_fused_outputs`
    (DataLoader workers decode and resize, :func:`smaf.cam.fuse_image` runs original + flip as one batch and
-   post-processes on the device, a background writer saves the files), against a per-image BASELINE written
+   post-processes on the device, a background writer saves the files; on a CPU with a loader worker per core
+   the workers also fuse, one thread each), against a per-image BASELINE written
    here after the reference's loop: batch 1, one forward per scale and flip (8 for 4 scales), each output
    copied to the CPU, softmax / bilinear upsampling (cv2, per class) / un-flip / sum / normalisation / argmax
    in NumPy, images decoded and resized in the main process, files written synchronously. Both write the
    same files (CAM ``.npy`` dicts + label PNGs) to temporary folders; the fused maps of the two paths are
    compared (max abs difference, fp32, must be <= 1e-4).
 b. dense CRF (:func:`smaf.stages.crf.refine_folder`) with 1 worker against a pool of one worker per core,
-   on the same masks (the PNGs of section a, else the ground-truth masks).
+   on the same masks (the PNGs of section a when it ran at ``--crf-size``, else the ground-truth masks), on
+   images of VOC size (long side 500) by default.
 c. evaluation (:func:`smaf.bench_eval.bench_evaluation`) on the 1449 real VOC val masks when
    ``../shared/data/voc12/SegmentationClassAug_val`` exists, else on the benchmark images' masks.
 d. training steps: stage 0 (:func:`smaf.stages.train_cls.make_step`, EPS loss) and stage 2
@@ -345,12 +347,12 @@ def compare_outputs(dir_a: Path, dir_b: Path, ids: list) -> dict:
 
     max_diff, equal, pixels = 0.0, 0, 0
     for image_id in ids:
-        a, b = load_cam_dict(dir_a / "cam_npy" / f"{image_id}.npy"), load_cam_dict(dir_b / "cam_npy" / f"{image_id}.npy")
+        a, b = (load_cam_dict(d / "cam_npy" / f"{image_id}.npy") for d in (dir_a, dir_b))
         if sorted(a) != sorted(b):
             return {"max_abs_diff": float("inf"), "png_agreement": 0.0, "error": f"{image_id}: classes differ"}
         for c in a:
             max_diff = max(max_diff, float(np.abs(a[c].astype(np.float64) - b[c]).max()))
-        pa, pb = load_label_png(dir_a / "cam_png" / f"{image_id}.png"), load_label_png(dir_b / "cam_png" / f"{image_id}.png")
+        pa, pb = (load_label_png(d / "cam_png" / f"{image_id}.png") for d in (dir_a, dir_b))
         equal += int((pa == pb).sum())
         pixels += pa.size
     return {"max_abs_diff": max_diff, "png_agreement": equal / max(pixels, 1)}
@@ -400,7 +402,8 @@ def bench_fusion(backbone: str, layout, ids: list, args, device, scratch: Path, 
             "ours_images_per_s": ours_ips, "baseline_images_per_s": base_ips, "ratio": ratio,
             "target_ratio": target, "pass": None if target is None else bool(ratio >= target),
             "max_abs_diff": check["max_abs_diff"], "png_agreement": check["png_agreement"],
-            "outputs_match": bool(check["max_abs_diff"] <= MAX_FUSED_DIFF), "output_dirs": {k: str(v) for k, v in last.items()}}
+            "outputs_match": bool(check["max_abs_diff"] <= MAX_FUSED_DIFF),
+            "output_dirs": {k: str(v) for k, v in last.items()}}
 
 
 # -------------------------------------------------------------------------------------------- b. CRF
@@ -552,7 +555,7 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
-        env["tf32"] = False
+        env["tf32"] = "off in section a (fp32 comparison), PyTorch defaults elsewhere"
     return env
 
 
@@ -600,6 +603,10 @@ def format_report(report: dict) -> str:
         w = (7, 19, 12, 7, 10, 32)
         lines.append(_row(["stage", "backbone", "batch x crop", "amp", "images/s", "peak memory"], w))
         for r in report["training"]:
+            if "error" in r:
+                lines.append(_row([r["stage"], r["backbone"], f"{r['batch_size']} x {r['crop']}", r["amp"], "-",
+                                   r["error"][:60]], w))
+                continue
             if "peak_allocated_bytes" in r:
                 mem = f"{gib(r['peak_allocated_bytes'])} alloc ({gib(r['peak_reserved_bytes'])} reserved)"
             else:
@@ -634,10 +641,14 @@ def collect_targets(report: dict, device: torch.device) -> list:
                                   f"({c['speedup']:.2f}x of {c['target_speedup']:.2f}x)"})
     if "training" in report or "d" in report.get("sections", []):
         rows = [r for r in report.get("training", []) if r["backbone"] == "resnet38d" and r["amp"] != "none"
-                and r["batch_size"] >= 8 and r["crop"] >= 448 and "peak_allocated_bytes" in r]
+                and r["batch_size"] >= 8 and r["crop"] >= 448 and ("peak_allocated_bytes" in r or "error" in r)]
         if device.type != "cuda":
             targets.append({"name": "training batch 8 crop 448 ResNet-38 with AMP fits in 24 GB", "pass": None,
                             "detail": "not measured: no GPU"})
+        elif any("error" in r for r in rows):
+            targets.append({"name": "training batch 8 crop 448 ResNet-38 with AMP fits in 24 GB", "pass": False,
+                            "detail": "; ".join(f"stage {r['stage']} {r['amp']}: {r['error']}" for r in rows
+                                                if "error" in r)})
         elif rows:
             worst = max(r["peak_reserved_bytes"] for r in rows)
             targets.append({"name": "training batch 8 crop 448 ResNet-38 with AMP fits in 24 GB",
@@ -663,6 +674,9 @@ def parse_args(argv=None):
                    help="long side of the images for EfficientNet-Lite0, CRF and training data (default 160 on "
                         "CPU, 500 on CUDA; 0 = as they are)")
     p.add_argument("--r38-size", type=int, default=None, help="long side for ResNet-38 (default 160 CPU, 500 CUDA)")
+    p.add_argument("--crf-size", type=int, default=500,
+                   help="long side of the CRF images (default 500, VOC's; the masks are section a's PNGs when "
+                        "a ran at this size, else the ground-truth masks)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measure (median reported)")
     p.add_argument("--workers", type=int, default=None, help="loader workers of our path (default: the config's, "
                                                              "capped by the cores)")
@@ -717,9 +731,6 @@ def run(args) -> dict:
     device = torch.device(args.device)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    if device.type == "cuda":  # fp32 means fp32: TF32 convolutions would differ between batch 1 and 2 by ~1e-3
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
     src, all_ids, description = source_dataset(args)
     ids = _pick_ids(all_ids, args.images)
     report = {"environment": environment(device), "data": f"{description}: {len(ids)} images",
@@ -739,16 +750,20 @@ def run(args) -> dict:
     try:
         if "a" in args.sections:
             report["fusion"] = []
+            # fp32 means fp32 for the comparison: TF32 convolutions differ between batch 1 and 2 by ~1e-3
+            tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
             for backbone in args.backbones:
                 r38 = backbone == "resnet38d"
                 layout, sel = layout_for(args.r38_size if r38 else args.size, args.r38_images if r38 else args.images)
                 warm = sel[0] if device.type == "cuda" else WARMUP_ID  # CUDA: warm the real shapes
                 print(f"[a] fused maps, {backbone}: {len(sel)} images ...", file=sys.stderr, flush=True)
                 report["fusion"].append(bench_fusion(backbone, layout, sel, args, device, scratch / backbone, warm))
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
         if "b" in args.sections:
-            layout, sel = layout_for(args.size, args.images)
+            layout, sel = layout_for(args.crf_size, args.images)
             fused = next((r for r in report.get("fusion", []) if r["backbone"] == "efficientnet_lite0"
-                          and r["num_images"] == len(sel)), None)
+                          and r["num_images"] == len(sel) and args.size == args.crf_size), None)
             if fused:
                 mask_dir, source = Path(fused["output_dirs"]["ours"]) / "cam_png", "section a's fused-map PNGs"
             else:
@@ -770,8 +785,13 @@ def run(args) -> dict:
                         if amp == "bf16" and not torch.cuda.is_bf16_supported():
                             continue
                         print(f"[d] training stage {stage}, {backbone}, amp {amp} ...", file=sys.stderr, flush=True)
-                        report["training"].append(bench_training(backbone, stage, layout, sel, crop, batch, amp,
-                                                                 args, device))
+                        try:
+                            row = bench_training(backbone, stage, layout, sel, crop, batch, amp, args, device)
+                        except torch.cuda.OutOfMemoryError as err:  # a row saying so, not a lost report
+                            torch.cuda.empty_cache()
+                            row = {"stage": stage, "backbone": backbone, "crop": crop, "batch_size": batch,
+                                   "amp": amp, "error": f"out of memory: {str(err).splitlines()[0]}"}
+                        report["training"].append(row)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     for r in report.get("fusion", []):

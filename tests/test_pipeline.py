@@ -204,3 +204,25 @@ def test_crf_improves_a_noisy_two_region_labelling():
     assert (refined == truth).mean() > (noisy == truth).mean() + 0.15
     assert (refined == truth).mean() > 0.97   # the rectangle keeps its shape
     assert set(np.unique(refined)) <= {0, 3}
+
+
+def test_pipeline_runner_measures_every_stage(tiny_voc, tmp_path):
+    from smaf.pipeline import format_summary, run_pipeline
+
+    cfg = tiny_cfg(tiny_voc, tmp_path, "train_cls.iterations=2", "train_fusion.iterations=2",
+                   "train_cls.val_every=0", "train_fusion.val_every=0", "fusion.scales=[0.5,1.0]")
+    summary = run_pipeline(cfg, denoise_variants=[False, True], figure_rows=2, log=lambda _: None)
+    assert set(summary["miou"]) == {"train", "val"}
+    row = summary["miou"]["val"]
+    assert set(row) == {"single-scale CAM", "fused multi-scale CAM", "self-trained (denoise off)",
+                        "self-trained (denoise on)", "self-trained (denoise off) + CRF"}
+    assert all(0.0 <= v <= 100.0 for v in row.values())
+    assert len(summary["timings_s"]) == 1 + 4 + 2 + 4 and all(t >= 0 for t in summary["timings_s"].values())
+    table = format_summary(summary)
+    assert "| val |" in table and "not tuned on ground truth" in table
+    assert (tmp_path / "summary.json").is_file() and (tmp_path / "summary.md").read_text() == table
+    assert (tmp_path / "figure.jpg").is_file()
+    # the variants trained separately, the CRF ran only for the config's default setting (denoise off)
+    assert (tmp_path / "train_fusion_denoise_on" / "final.pth").is_file()
+    assert (tmp_path / "pseudo_masks_denoise_off_val" / "crf_png").is_dir()
+    assert not (tmp_path / "pseudo_masks_denoise_on_val" / "crf_png").exists()

@@ -147,6 +147,14 @@ class SamePaddingConv2d(nn.Conv2d):
                 pads += [total // 2, total - total // 2]
             if any(pads):
                 x = F.pad(x, pads)
+        elif self.padding[0] >= 8 and x.device.type == "cpu" and not torch.is_grad_enabled():
+            # CPU inference: oneDNN runs a depthwise conv with an implicit padding this large (the 5x5,
+            # dilation-4 convs at output stride 8) on a slow reference kernel, 5x slower than padding first
+            # (14 ms vs 2.8 ms for 2x1152x20x30; the whole forward 18-21% faster). Same values (bit-identical
+            # on the dev machine). Kept implicit with autograd: there the explicit pad made forward + backward
+            # slower.
+            p = self.padding[0]
+            return F.conv2d(F.pad(x, (p, p, p, p)), self.weight, self.bias, 1, 0, self.dilation, self.groups)
         return super().forward(x)
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .. import dist
 from ..checkpoint import load_model
 from ..data.transforms import JointTrainTransform, crop_to_image_grid
-from ..data.voc import ClassificationDataset
+from ..data.voc import ClassificationDataset, collate_train
 from ..engine import Validator, train_loop
 from ..losses import prototype_weights, self_training_loss, self_training_target
 from .common import StageError, layout_from, pick, prepare_output, set_seed
@@ -96,6 +96,25 @@ def crop_weights(weights_full: torch.Tensor, params: list, size: int) -> torch.T
     return F.grid_sample(weights_full, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+@torch.no_grad()
+def calibrate_background_head(model, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Prepare a plain CAM classifier that just got a background channel for the softmax of stage 2.
+
+    A classifier trained with the multilabel loss alone has CAM logits of tens at its objects, so a softmax
+    over them is saturated and the self-training MSE has almost no gradient (the loss stays flat). The C
+    trained rows are divided by the mean peak CAM of the labelled classes on ``images`` (B, 3, H, W), which
+    keeps every map's shape and ranking but puts logits near [0, 1], and the new background row starts at
+    zero (background logit 0 everywhere). Returns the divisor.
+    """
+    c = model.num_classes
+    _, cam, _ = model(images)
+    peaks = cam[:, :c].flatten(2).amax(2)
+    divisor = float(((peaks * labels).sum() / labels.sum().clamp(min=1)).clamp(min=1.0))
+    model.classifier.weight[:c] /= divisor
+    model.classifier.weight[c] = 0.0
+    return divisor
+
+
 def make_step(student, teacher, bank: PrototypeBank, num_classes: int, target_size: int, bg_score: float,
               loss_weight: float, denoise: bool, ema: float, device):
     """The stage-2 step and its after-step update, for :func:`smaf.engine.train_loop` (also used by
@@ -148,19 +167,21 @@ def run(cfg):
     student, meta = load_model(ckpt, producer="stage 0 (bash script/train_cls.sh)", device="cpu")
     if student.num_classes != num_classes:
         raise StageError(f"{ckpt} was trained for {student.num_classes} classes but the dataset has {num_classes}")
+    transform = JointTrainTransform(sect.crop, sect.resize_long, flip=True, jitter=None)
+    dataset = ClassificationDataset(layout, ids, transform, soft_dir=fusion_dir / "cam_npy", full_size=sect.crop)
+    student = student.to(device)
     if not student.has_background:
         student.add_background_channel()
         meta = dict(meta, head="smaf")
-        logger.info("stage-0 model is a plain CAM classifier: added a fresh background channel")
-    student = student.to(device)
+        calib = collate_train([dataset[(i, int(cfg.seed) + i)] for i in range(min(len(dataset), sect.batch_size))])
+        divisor = calibrate_background_head(student.eval(), calib["full"].to(device), calib["labels"].to(device))
+        logger.info("stage-0 model is a plain CAM classifier: added a background channel (zero-initialised) and "
+                    "divided the class rows by the mean peak CAM %.2f so the softmax starts unsaturated", divisor)
     teacher = copy.deepcopy(student).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     bank = PrototypeBank(torch.load(proto_path, map_location="cpu")["prototypes"].to(device),
                          sect.proto_momentum, cfg.fusion.prototype_min_pixels)
-
-    transform = JointTrainTransform(sect.crop, sect.resize_long, flip=True, jitter=None)
-    dataset = ClassificationDataset(layout, ids, transform, soft_dir=fusion_dir / "cam_npy", full_size=sect.crop)
     target_size = sect.crop // sect.target_stride
     step, after_step = make_step(student, teacher, bank, num_classes, target_size, sect.bg_score, sect.loss_weight,
                                  sect.denoise, sect.ema, device)
