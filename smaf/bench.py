@@ -59,6 +59,8 @@ import cv2
 import numpy as np
 import torch
 
+from .stages.common import available_cores
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("a", "b", "c", "d")
 BACKBONES = ("efficientnet_lite0", "resnet38d")
@@ -86,10 +88,7 @@ def pets_root() -> Path:
 
 
 def num_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+    return available_cores()
 
 
 def sync(device: torch.device) -> None:

@@ -73,13 +73,17 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def available_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def default_workers(requested: int) -> int:
     """DataLoader workers: ``requested`` capped by the cores this process may use (0 = in-process)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return max(0, min(int(requested), cores))
+    return max(0, min(int(requested), available_cores()))
 
 
 class Timer:

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from .. import dist
 from ..crf import CRFParams, crf_refine_labels
 from ..io import load_image, load_label_png, overlay, save_label_png, save_panel
-from .common import StageError, default_workers, layout_from, pick, prepare_output
+from .common import StageError, available_cores, layout_from, pick, prepare_output
 
 _WORKER: dict = {}
 
@@ -85,7 +85,7 @@ def run(cfg, out_subdir: str | None = None) -> dict:
     ids = dist.shard(sorted(p.stem for p in input_dir.glob("*.png")))
     if not ids and dist.world_size() == 1:
         raise StageError(f"no PNG masks in '{input_dir}'")
-    workers = sect.workers or default_workers(os.cpu_count() or 1)
+    workers = sect.workers or available_cores()
     logger.info("dense CRF on %d masks from %s with %d workers -> %s", len(ids), input_dir, workers, output_dir)
     refine_folder(layout, input_dir, output_dir, ids, CRFParams.from_config(sect), workers,
                   overlay_ids=ids[:sect.overlays])

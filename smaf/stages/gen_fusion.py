@@ -16,7 +16,6 @@ torchrun each rank takes its shard of the list. Stage 3 (:mod:`smaf.stages.gen_p
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ from ..cam import class_feature_means, fuse_image, label_from_maps
 from ..checkpoint import load_model
 from ..data.voc import InferenceDataset, collate_single
 from ..io import AsyncWriter, save_cam_dict, save_label_png, save_panel, overlay, heatmap
-from .common import default_workers, layout_from, pick, prepare_output
+from .common import available_cores, default_workers, layout_from, pick, prepare_output
 
 
 def _write_outputs(out_dir: Path, image_id: str, classes: list, maps: np.ndarray, label: np.ndarray,
@@ -74,7 +73,7 @@ def generate_fused_outputs(cfg, model, layout, ids: list, out_dir: Path, device,
     dataset = InferenceDataset(layout, todo, scales=fus.scales, base_long=fus.base_long)
     workers = default_workers(cfg.num_workers)
     fuse = _SampleFuser(model, fus, cfg.amp, bg_threshold, layout.num_classes, prototypes, overlay_ids)
-    on_workers = device.type == "cpu" and workers >= 2 and workers >= _available_cores()
+    on_workers = device.type == "cpu" and workers >= 2 and workers >= available_cores()
     if on_workers:
         # CPU, a loader worker per core: each worker decodes AND fuses whole images with one thread (forked
         # workers must stay single-threaded: OpenMP is not fork-safe). Small CAM ops scale poorly over
@@ -94,13 +93,6 @@ def generate_fused_outputs(cfg, model, layout, ids: list, out_dir: Path, device,
             if out["image"] is not None:
                 writer.submit(_write_overlay, out_dir, out["id"], out["image"], maps_np, label_np)
     return len(todo)
-
-
-def _available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 class _SampleFuser:
