@@ -477,6 +477,7 @@ def bench_training(backbone: str, stage: int, layout, ids: list, crop: int, batc
                    device) -> dict:
     """Images/s and peak memory of ``iters`` full training iterations (step + backward + optimiser [+ EMA])."""
     from .cam import autocast_context
+    from .engine import optimisation_step
     from .optim import build_poly_sgd
     from .stages import train_cls, train_fusion
 
@@ -505,12 +506,7 @@ def bench_training(backbone: str, stage: int, layout, ids: list, crop: int, batc
     def iteration(t):
         with autocast_context(device, amp):
             loss, _ = step(model, batches[t % len(batches)], t)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        if after_step is not None:
-            after_step(t)
+        optimisation_step(optimizer, scaler, loss, after_step, t)
 
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -94,6 +94,16 @@ class Validator:
         return scores(conf, ["background"] + self.layout.class_names)["miou"]
 
 
+def optimisation_step(optimizer, scaler, loss, after_step, iteration: int) -> None:
+    """Backward (through the AMP grad scaler), optimiser step, then ``after_step(iteration)`` if given."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    if after_step is not None:
+        after_step(iteration)
+
+
 def train_loop(cfg, sect, out_dir: Path, logger, device: torch.device, model, dataset, step_fn, meta: dict,
                extras: dict | None = None, after_step=None, validator: Validator | None = None,
                final_extras=None) -> Path:
@@ -169,12 +179,7 @@ def train_loop(cfg, sect, out_dir: Path, logger, device: torch.device, model, da
         if dist.all_reduce_sum(bad).item() > 0:
             raise StageError(f"non-finite loss at iteration {t + 1} (images {', '.join(batch['id'])}): lower the "
                              f"learning rate, use amp=none, or check these images")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        if after_step is not None:
-            after_step(t)
+        optimisation_step(optimizer, scaler, loss, after_step, t)
         it, done_here = t + 1, done_here + 1
         logs = {"loss": float(loss.detach()), **logs}
         for key, value in logs.items():

@@ -100,7 +100,11 @@ def test_cpu_worker_fusion_writes_the_files_of_the_in_process_path(tiny_voc, tmp
     ids = layout.read_list(root / "ImageSets/Segmentation/train.txt")[:4]
     model, _ = bench.build_bench_model("efficientnet_lite0", layout.num_classes, torch.device("cpu"),
                                        pretrained=False)
-    monkeypatch.setattr(gen_fusion, "_available_cores", lambda: 2)
+    from smaf.stages import common
+
+    # two cores as seen by both the worker-count cap and the CPU worker-mode switch
+    monkeypatch.setattr(gen_fusion, "available_cores", lambda: 2)
+    monkeypatch.setattr(common, "available_cores", lambda: 2)
     dirs = {}
     for workers in (0, 2):
         cfg = load_config("voc12", [f"data.root={root}", "data.cls_labels=", f"work_dir={tmp_path}",
