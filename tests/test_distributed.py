@@ -53,7 +53,10 @@ RANK_SCRIPT = textwrap.dedent("""
                 events.append(["write", image_id])
                 return write(out_dir, image_id, *args)
             def recording_save(obj, f, *args, **kwargs):
-                events.append(["save", os.path.basename(str(f))])
+                name = os.path.basename(str(f))
+                if name.startswith(".") and name.endswith(".tmp"):  # atomic write: ".<target>.<random>.tmp"
+                    name = name[1:].rsplit(".", 2)[0]
+                events.append(["save", name])
                 return save(obj, f, *args, **kwargs)
             gen_fusion._write_outputs, torch.save = recording_write, recording_save
             gen_fusion.run(cfg)

@@ -27,7 +27,7 @@ from .. import dist
 from ..cam import class_feature_means, fuse_image, label_from_maps
 from ..checkpoint import load_model
 from ..data.voc import InferenceDataset, collate_single
-from ..io import AsyncWriter, save_cam_dict, save_label_png, save_panel, overlay, heatmap
+from ..io import AsyncWriter, atomic_save, save_cam_dict, save_label_png, save_panel, overlay, heatmap
 from .common import available_cores, default_workers, layout_from, pick, prepare_output
 
 
@@ -182,8 +182,8 @@ def run(cfg) -> dict:
     result = {"out_dir": out_dir, "num_images": len(ids), "miou": None}
     if dist.is_main():
         protos, counts = aggregate_prototypes(out_dir, ids, layout.num_classes, meta["feat_dim"])
-        torch.save({"prototypes": protos, "image_counts": counts, "class_names": layout.class_names + ["background"]},
-                   out_dir / "prototypes.pt")
+        payload = {"prototypes": protos, "image_counts": counts, "class_names": layout.class_names + ["background"]}
+        atomic_save(out_dir / "prototypes.pt", lambda tmp: torch.save(payload, tmp))
         empty = [n for n, c in zip(layout.class_names + ["background"], counts.tolist()) if c == 0]
         logger.info("prototypes (%d x %d) -> %s%s", protos.shape[0], protos.shape[1], out_dir / "prototypes.pt",
                     f"; no image contributed to: {', '.join(empty)}" if empty else "")
