@@ -16,7 +16,6 @@ import argparse
 import copy
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -157,17 +156,12 @@ def main(argv=None) -> None:
                         help="stage 2 with the config's denoise setting only, or with both settings (ablation)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     args = parser.parse_args(argv)
-    from .checkpoint import CheckpointError
-    from .stages.common import EXPECTED_ERRORS
+    from .stages.common import exit_on_expected_errors
 
-    try:
+    with exit_on_expected_errors():
         cfg = load_config(args.config, args.overrides)
         variants = [False, True] if args.denoise == "both" else None
         summary = run_pipeline(cfg, variants)
-    except (*EXPECTED_ERRORS, CheckpointError) as err:
-        if os.environ.get("SMAF_DEBUG"):
-            raise
-        sys.exit(f"error: {str(err).splitlines()[0]}")
     print()
     print(format_summary(summary))
     print(f"overlays: {summary['work_dir']}/*/overlays/   figure: {summary['figure']}   "

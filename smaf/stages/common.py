@@ -1,10 +1,10 @@
 """What every stage does the same way: logging, output folders, device, list resolution, error exits."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -86,39 +86,31 @@ def default_workers(requested: int) -> int:
     return max(0, min(int(requested), available_cores()))
 
 
-class Timer:
-    def __init__(self):
-        self.start = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-
 EXPECTED_ERRORS = (ConfigError, DatasetError, StageError, FileNotFoundError, ValueError)
 
 
-def stage_main(run, description: str, argv=None) -> None:
-    """Command-line entry of a stage: ``--config NAME key=value ...``; expected errors exit with one line.
-
-    Set SMAF_DEBUG=1 to see full tracebacks."""
+@contextlib.contextmanager
+def exit_on_expected_errors():
+    """Turn an expected error (bad config, dataset, checkpoint or weights file) into one ``error: ...`` line
+    and exit status 1; set SMAF_DEBUG=1 to see the traceback instead."""
     from ..checkpoint import CheckpointError
+    from ..models.weights import WeightsError
 
-    cfg = parse_cli(argv, description)
     try:
-        run(cfg)
-    except (*EXPECTED_ERRORS, CheckpointError, _weights_error()) as err:
+        yield
+    except (*EXPECTED_ERRORS, CheckpointError, WeightsError) as err:
         if os.environ.get("SMAF_DEBUG"):
             raise
         msg = str(err).splitlines()[0] if str(err) else err.__class__.__name__
         sys.exit(f"error: {msg}")
+
+
+def stage_main(run, description: str, argv=None) -> None:
+    """Command-line entry of a stage: ``--config NAME key=value ...``; expected errors exit with one line."""
+    cfg = parse_cli(argv, description)
+    try:
+        with exit_on_expected_errors():
+            run(cfg)
     finally:
         if dist.is_distributed():
             torch.distributed.destroy_process_group()
-
-
-def _weights_error():
-    try:
-        from ..models.weights import WeightsError
-        return WeightsError
-    except ImportError:  # pragma: no cover - only while the models package is incomplete
-        return StageError

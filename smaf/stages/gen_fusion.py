@@ -27,7 +27,7 @@ from .. import dist
 from ..cam import class_feature_means, fuse_image, label_from_maps
 from ..checkpoint import load_model
 from ..data.voc import InferenceDataset, collate_single
-from ..io import AsyncWriter, atomic_save, save_cam_dict, save_label_png, save_panel, overlay, heatmap
+from ..io import AsyncWriter, atomic_save, save_cam_dict, overlay, save_label_png, save_panel
 from .common import available_cores, default_workers, layout_from, pick, prepare_output
 
 

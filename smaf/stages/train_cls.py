@@ -66,7 +66,7 @@ def run(cfg):
     from ..config import Config
 
     model = build_model(Config(model_cfg), layout.num_classes).to(device)
-    meta = model_meta(model, cfg.model.backbone, cfg.model.output_stride if cfg.model.backbone != "resnet38d" else 8)
+    meta = model_meta(model, cfg.model.backbone, cfg.model.output_stride)  # build_model enforces 8 for resnet38d
     validator = Validator(cfg, layout, cfg.data.val_list, sect.val_max_images, cfg.fusion.bg_threshold, device, logger)
     logger.info("stage 0: %s loss, %s backbone (%s head), %d classes", sect.loss, cfg.model.backbone, head,
                 layout.num_classes)
