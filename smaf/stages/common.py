@@ -41,8 +41,10 @@ def get_logger(name: str, log_file: Path | None = None) -> logging.Logger:
 
 
 def prepare_output(cfg, subdir: str, name: str):
-    """Join the process group (under torchrun), create ``<work_dir>/<subdir>``, save the resolved config
-    there (rank 0) and return (out_dir, logger, device)."""
+    """Check the dataset root, join the process group (under torchrun), create ``<work_dir>/<subdir>``, save
+    the resolved config there (rank 0) and return (out_dir, logger, device, layout). A bad dataset root fails
+    before anything is written."""
+    layout = layout_from(cfg)
     device = dist.init_from_env(cfg.device)
     out_dir = Path(cfg.work_dir) / subdir
     if dist.is_main():
@@ -51,7 +53,7 @@ def prepare_output(cfg, subdir: str, name: str):
     dist.barrier()
     logger = get_logger(name, out_dir / "log.txt")
     logger.info("output folder %s | device %s | world size %d", out_dir, device, dist.world_size())
-    return out_dir, logger, device
+    return out_dir, logger, device, layout
 
 
 def layout_from(cfg) -> VOCLayout:

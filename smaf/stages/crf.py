@@ -17,7 +17,7 @@ from tqdm import tqdm
 from .. import dist
 from ..crf import CRFParams, crf_refine_labels
 from ..io import load_image, load_label_png, overlay, save_label_png, save_panel
-from .common import StageError, available_cores, layout_from, pick, prepare_output
+from .common import StageError, available_cores, pick, prepare_output
 
 _WORKER: dict = {}
 
@@ -75,8 +75,7 @@ def run(cfg, out_subdir: str | None = None) -> dict:
 
     sect = cfg.crf
     subdir = out_subdir or cfg.pseudo_masks.out_subdir
-    out_dir, logger, _ = prepare_output(cfg, subdir, "crf")
-    layout = layout_from(cfg)
+    out_dir, logger, _, layout = prepare_output(cfg, subdir, "crf")
     input_dir = Path(pick(sect.input_dir, str(out_dir / "cam_png")))
     output_dir = Path(pick(sect.output_dir, str(input_dir.parent / "crf_png")))
     if not input_dir.is_dir():

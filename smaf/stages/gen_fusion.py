@@ -28,7 +28,7 @@ from ..cam import class_feature_means, fuse_image, label_from_maps
 from ..checkpoint import load_model
 from ..data.voc import InferenceDataset, collate_single
 from ..io import AsyncWriter, atomic_save, save_cam_dict, overlay, save_label_png, save_panel
-from .common import available_cores, default_workers, layout_from, pick, prepare_output
+from .common import available_cores, default_workers, pick, prepare_output
 
 
 def _write_outputs(out_dir: Path, image_id: str, classes: list, maps: np.ndarray, label: np.ndarray,
@@ -168,8 +168,7 @@ def evaluate_outputs(cfg, layout, out_dir: Path, subfolder: str, eval_ids: list,
 def run(cfg) -> dict:
     """Stage 1. Returns {'miou': float or None, 'out_dir': Path, 'num_images': int}."""
     fus = cfg.fusion
-    out_dir, logger, device = prepare_output(cfg, fus.out_subdir, "gen_fusion")
-    layout = layout_from(cfg)
+    out_dir, logger, device, layout = prepare_output(cfg, fus.out_subdir, "gen_fusion")
     ids = layout.read_list(pick(fus.list, cfg.data.train_list))
     eval_ids = layout.read_list(pick(fus.eval_list, cfg.data.infer_list))
     ckpt = pick(fus.checkpoint, str(Path(cfg.work_dir) / "train_cls" / "final.pth"))

@@ -13,15 +13,14 @@ from pathlib import Path
 from .. import dist
 from ..checkpoint import load_model
 from . import crf as crf_step
-from .common import layout_from, pick, prepare_output
+from .common import pick, prepare_output
 from .gen_fusion import evaluate_outputs, generate_fused_outputs
 
 
 def run(cfg) -> dict:
     """Stage 3. Returns {'miou': plain mask mIoU or None, 'miou_crf': CRF mask mIoU or None, 'out_dir'}."""
     sect = cfg.pseudo_masks
-    out_dir, logger, device = prepare_output(cfg, sect.out_subdir, "gen_pm")
-    layout = layout_from(cfg)
+    out_dir, logger, device, layout = prepare_output(cfg, sect.out_subdir, "gen_pm")
     ids = layout.read_list(pick(sect.list, cfg.data.train_list))
     eval_ids = layout.read_list(pick(sect.eval_list, cfg.data.infer_list))
     ckpt = pick(sect.checkpoint, str(Path(cfg.work_dir) / cfg.train_fusion.out_subdir / "final.pth"))

@@ -17,7 +17,7 @@ from ..data.voc import ClassificationDataset
 from ..engine import Validator, train_loop
 from ..losses import eps_saliency_loss, multilabel_soft_margin
 from ..models import build_model
-from .common import StageError, layout_from, prepare_output, set_seed
+from .common import StageError, prepare_output, set_seed
 
 LOSSES = ("eps", "cam")
 
@@ -54,9 +54,8 @@ def run(cfg):
     """Stage 0. Returns the path of ``final.pth``."""
     sect = cfg.train_cls
     head = resolve_head(cfg)
-    out_dir, logger, device = prepare_output(cfg, "train_cls", "train_cls")
+    out_dir, logger, device, layout = prepare_output(cfg, "train_cls", "train_cls")
     set_seed(cfg.seed)
-    layout = layout_from(cfg)
     ids = layout.read_list(cfg.data.train_list)
     transform = JointTrainTransform(sect.crop, sect.resize_long, flip=True, jitter=sect.jitter)
     dataset = ClassificationDataset(layout, ids, transform, saliency=sect.loss == "eps")

@@ -28,7 +28,7 @@ from ..data.transforms import JointTrainTransform, crop_to_image_grid
 from ..data.voc import ClassificationDataset, collate_train
 from ..engine import Validator, train_loop
 from ..losses import prototype_weights, self_training_loss, self_training_target
-from .common import StageError, layout_from, pick, prepare_output, set_seed
+from .common import StageError, pick, prepare_output, set_seed
 
 
 class PrototypeBank:
@@ -154,9 +154,8 @@ def make_step(student, teacher, bank: PrototypeBank, num_classes: int, target_si
 def run(cfg):
     """Stage 2. Returns the path of ``final.pth`` (the student)."""
     sect = cfg.train_fusion
-    out_dir, logger, device = prepare_output(cfg, sect.out_subdir, "train_fusion")
+    out_dir, logger, device, layout = prepare_output(cfg, sect.out_subdir, "train_fusion")
     set_seed(cfg.seed)
-    layout = layout_from(cfg)
     num_classes = layout.num_classes
     ids = layout.read_list(pick(sect.train_list, cfg.data.train_list))
     fusion_dir = Path(pick(sect.fusion_dir, str(Path(cfg.work_dir) / cfg.fusion.out_subdir)))
