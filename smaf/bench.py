@@ -3,9 +3,10 @@
 One run measures, on the same model and the same images:
 
 a. fused-map generation (stages 1 and 3): OUR path, :func:`smaf.stages.gen_fusion.generate_fused_outputs`
-   (DataLoader workers decode and resize, :func:`smaf.cam.fuse_image` runs original + flip as one batch and
-   post-processes on the device, a background writer saves the files; on a CPU with a loader worker per core
-   the workers also fuse, one thread each), against a per-image BASELINE written
+   (an inference copy with conv+BN pairs folded (:mod:`smaf.models.fold`), DataLoader workers decode and
+   resize, :func:`smaf.cam.fuse_image` runs original + flip as one batch and post-processes on the device, a
+   background writer saves the files; on a CPU with a loader worker per core the workers also fuse, one
+   thread each), against a per-image BASELINE written
    here after the reference's loop: batch 1, one forward per scale and flip (8 for 4 scales), each output
    copied to the CPU, softmax / bilinear upsampling (cv2, per class) / un-flip / sum / normalisation / argmax
    in NumPy, images decoded and resized in the main process, files written synchronously. Both write the
@@ -19,10 +20,14 @@ c. evaluation (:func:`smaf.bench_eval.bench_evaluation`) on the 1449 real VOC va
 d. training steps: stage 0 (:func:`smaf.stages.train_cls.make_step`, EPS loss) and stage 2
    (:func:`smaf.stages.train_fusion.make_step`: teacher on the whole image + target + student
    forward/backward, then the EMA / prototype update), each with the poly SGD step; peak memory (CUDA:
-   ``max_memory_allocated`` with AMP off, fp16 and bf16; CPU: peak RSS, AMP being CUDA-only).
+   ``max_memory_allocated`` with AMP off, fp16 and bf16; CPU: peak RSS, AMP off and bf16 where the CPU has
+   native bf16 kernels).
 
-Times are medians over ``--repeats`` runs after an excluded warm-up; the two paths of a comparison
-alternate their order from run to run so that a change of machine load hits both. Output: a table on
+Section a also times our path under bf16 autocast (fp16 on CUDA without bf16) where the device has fast
+kernels, against the fp32 baseline with the AMP tolerance 2e-2 (``--no-amp`` skips it).
+
+Times are medians over ``--repeats`` runs after an excluded warm-up; the paths of a comparison rotate their
+order from run to run so that a change of machine load hits each. Output: a table on
 stdout and a JSON file (``--out``).
 
 Data: the real Oxford-IIIT Pet subset (``../shared/data/pets``; ``PETS_ROOT`` overrides; ids of its
@@ -67,6 +72,7 @@ BACKBONES = ("efficientnet_lite0", "resnet38d")
 SCALES = (0.5, 1.0, 1.5, 2.0)
 BG_THRESHOLD = 0.2
 MAX_FUSED_DIFF = 1e-4
+MAX_FUSED_DIFF_AMP = 2e-2    # our path with bf16 autocast vs the fp32 baseline
 WARMUP_ID = "bench_warmup"
 CPU_FUSION_TARGET = 1.5      # our path / baseline, EfficientNet-Lite0 on CPU
 GPU_FUSION_TARGET = 5.0      # our path / baseline, ResNet-38 on GPU
@@ -263,12 +269,21 @@ def build_bench_model(backbone: str, num_classes: int, device: torch.device, pre
     return model.to(device).eval(), weights
 
 
-def fusion_config(layout, work_dir: Path, args, device: torch.device):
+def fusion_amp_variant(device: torch.device) -> str | None:
+    """The AMP mode section a also times our path with: bf16 where the device has fast bf16 kernels."""
+    from .cam import cpu_has_fast_bf16
+
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_fast_bf16() else None
+
+
+def fusion_config(layout, work_dir: Path, args, device: torch.device, amp: str = "none"):
     """A stage config pointing at the benchmark dataset (defaults of voc12 otherwise)."""
     from .config import load_config
 
     overrides = [f"data.root={layout.root}", "data.cls_labels=", "data.labels_txt=", f"work_dir={work_dir}",
-                 f"fusion.scales=[{','.join(str(s) for s in args.scales)}]", "amp=none",
+                 f"fusion.scales=[{','.join(str(s) for s in args.scales)}]", f"amp={amp}",
                  f"device={device.type}"]
     if args.workers is not None:
         overrides.append(f"num_workers={args.workers}")
@@ -334,10 +349,13 @@ def run_baseline(model, layout, ids: list, out_dir: Path, scales, flip: bool, de
 def run_ours(cfg, model, layout, ids: list, out_dir: Path, device) -> int:
     """Our path as a user gets it: stage 3's generate_fused_outputs (loader workers, fused batches,
     background writer), no prototypes, no overlays."""
+    from .cam import BackgroundRule
     from .stages.gen_fusion import generate_fused_outputs
 
-    return generate_fused_outputs(cfg, model, layout, ids, out_dir, device, LOG, cfg.fusion.bg_threshold, 0,
-                                  prototypes=False, desc="bench: ours")
+    # the baseline mirrors the reference's constant background score
+    bg_rule = BackgroundRule("fixed", cfg.fusion.bg_threshold)
+    return generate_fused_outputs(cfg, model, layout, ids, out_dir, device, LOG, bg_rule, 0, prototypes=False,
+                                  desc="bench: ours")
 
 
 def compare_outputs(dir_a: Path, dir_b: Path, ids: list) -> dict:
@@ -366,20 +384,29 @@ def bench_fusion(backbone: str, layout, ids: list, args, device, scratch: Path, 
     base_long = int(cfg.fusion.get("base_long", 0) or 0)
     from .stages.common import default_workers
 
+    amp = None if args.no_amp else fusion_amp_variant(device)
+    cfg_amp = fusion_config(layout, scratch, args, device, amp) if amp else None
+
     def ours(out):
         run_ours(cfg, model, layout, ids, out, device)
+
+    def ours_amp(out):
+        run_ours(cfg_amp, model, layout, ids, out, device)
 
     def base(out):
         run_baseline(baseline_model, layout, ids, out, scales, flip, device, BG_THRESHOLD, base_long)
 
+    paths = [("ours", ours), ("baseline", base)] + ([("ours_amp", ours_amp)] if amp else [])
     warm = [warm_id] if warm_id else ids[:1]
     with torch.no_grad():  # warm-up (excluded): one image through each path
         run_ours(cfg, model, layout, warm, scratch / "warm_ours", device)
         run_baseline(baseline_model, layout, warm, scratch / "warm_base", scales, flip, device, BG_THRESHOLD, base_long)
-    times = {"ours": [], "baseline": []}
+        if amp:
+            run_ours(cfg_amp, model, layout, warm, scratch / "warm_ours_amp", device)
+    times = {name: [] for name, _ in paths}
     last = {}
     for r in range(args.repeats):
-        order = (("ours", ours), ("baseline", base)) if r % 2 == 0 else (("baseline", base), ("ours", ours))
+        order = paths[r % len(paths):] + paths[:r % len(paths)]   # rotate: load changes hit every path
         for name, fn in order:
             out = scratch / f"{backbone}_{name}_{r}"
             times[name].append(timed(lambda: fn(out), device))
@@ -387,6 +414,13 @@ def bench_fusion(backbone: str, layout, ids: list, args, device, scratch: Path, 
                 shutil.rmtree(last[name], ignore_errors=True)
             last[name] = out
     check = compare_outputs(last["ours"], last["baseline"], ids)
+    amp_row = None
+    if amp:
+        check_amp = compare_outputs(last["ours_amp"], last["baseline"], ids)
+        amp_ips = len(ids) / median(times["ours_amp"])
+        amp_row = {"amp": amp, "images_per_s": amp_ips, "ratio": amp_ips / (len(ids) / median(times["baseline"])),
+                   "max_abs_diff": check_amp["max_abs_diff"], "png_agreement": check_amp["png_agreement"],
+                   "within_tolerance": bool(check_amp["max_abs_diff"] <= MAX_FUSED_DIFF_AMP)}
     sizes = sorted({tuple(layout.load_image(i).shape[:2]) for i in ids})
     ours_ips = len(ids) / median(times["ours"])
     base_ips = len(ids) / median(times["baseline"])
@@ -401,7 +435,7 @@ def bench_fusion(backbone: str, layout, ids: list, args, device, scratch: Path, 
             "ours_images_per_s": ours_ips, "baseline_images_per_s": base_ips, "ratio": ratio,
             "target_ratio": target, "pass": None if target is None else bool(ratio >= target),
             "max_abs_diff": check["max_abs_diff"], "png_agreement": check["png_agreement"],
-            "outputs_match": bool(check["max_abs_diff"] <= MAX_FUSED_DIFF),
+            "outputs_match": bool(check["max_abs_diff"] <= MAX_FUSED_DIFF), "amp_variant": amp_row,
             "output_dirs": {k: str(v) for k, v in last.items()}}
 
 
@@ -579,6 +613,11 @@ def format_report(report: dict) -> str:
                                f"{r['ours_images_per_s']:.3f}", f"{r['baseline_images_per_s']:.3f}",
                                f"{r['ratio']:.2f}x", f"{r['max_abs_diff']:.2e}", target,
                                f"{ok}; maps {'equal' if r['outputs_match'] else 'DIFFER'}"], w))
+            a = r.get("amp_variant")
+            if a:
+                lines.append(_row([f"  + ours amp {a['amp']}", "", "", f"{a['images_per_s']:.3f}", "",
+                                   f"{a['ratio']:.2f}x", f"{a['max_abs_diff']:.2e}", f"<= {MAX_FUSED_DIFF_AMP:g}",
+                                   "within" if a["within_tolerance"] else "OUTSIDE tolerance"], w))
         if report["environment"]["device"] == "cpu":
             lines.append("   target on GPU (ResNet-38 >= 5x): not measured: no GPU")
     if "crf" in report:
@@ -609,7 +648,7 @@ def format_report(report: dict) -> str:
             lines.append(_row([r["stage"], r["backbone"], f"{r['batch_size']} x {r['crop']}", r["amp"],
                                f"{r['images_per_s']:.2f}", mem], w))
         if report["environment"]["device"] == "cpu":
-            lines.append("   AMP (fp16/bf16) is CUDA-only: CPU rows are fp32")
+            lines.append("   CPU: fp16 autocast is CUDA-only; bf16 rows only on CPUs with native bf16 kernels")
     if "targets" in report:
         lines += ["", "targets:"]
         for t in report["targets"]:
@@ -626,6 +665,12 @@ def collect_targets(report: dict, device: torch.device) -> list:
                             "pass": r["pass"], "detail": f"measured {r['ratio']:.2f}x"})
         targets.append({"name": f"fused maps {r['backbone']}: both paths give the same maps (<= {MAX_FUSED_DIFF:g})",
                         "pass": r["outputs_match"], "detail": f"max abs diff {r['max_abs_diff']:.2e}"})
+        a = r.get("amp_variant")
+        if a:
+            targets.append({"name": f"fused maps {r['backbone']} with amp {a['amp']}: within {MAX_FUSED_DIFF_AMP:g} "
+                                    f"of the fp32 baseline", "pass": a["within_tolerance"],
+                            "detail": f"max abs diff {a['max_abs_diff']:.2e}, {a['ratio']:.2f}x the baseline "
+                                      f"({a['png_agreement'] * 100:.2f}% equal PNG pixels)"})
     if device.type != "cuda" and "fusion" in report:
         targets.append({"name": "fused maps ResNet-38 on GPU >= 5x baseline", "pass": None,
                         "detail": "not measured: no GPU"})
@@ -686,6 +731,9 @@ def parse_args(argv=None):
     p.add_argument("--data", default="", help="a VOC-layout root to use instead of the Pet subset")
     p.add_argument("--list", default="", help="split list of --data (default its val.txt)")
     p.add_argument("--random-init", action="store_true", help="EfficientNet-Lite0 without ImageNet weights")
+    p.add_argument("--no-amp", action="store_true",
+                   help="section a: skip the extra run of our path with autocast (bf16 on CUDA and on CPUs with "
+                        "AVX512-BF16/AMX, else fp16 on CUDA); section d on CPU: skip the bf16 rows")
     p.add_argument("--work-dir", default="work_dirs/bench", help="prepared data and scratch outputs")
     p.add_argument("--out", default=None, help="JSON report (default <work-dir>/bench.json)")
     args = p.parse_args(argv)
@@ -771,13 +819,18 @@ def run(args) -> dict:
             report["evaluation"] = bench_eval_section(layout, sel, args)
         if "d" in args.sections:
             report["training"] = []
-            amps = ("none", "fp16", "bf16") if device.type == "cuda" else ("none",)
+            from .cam import cpu_has_fast_bf16
+
+            if device.type == "cuda":
+                amps = ("none", "fp16", "bf16")
+            else:   # fp16 autocast is CUDA-only here; bf16 where the CPU has native kernels
+                amps = ("none", "bf16") if cpu_has_fast_bf16() and not args.no_amp else ("none",)
             for backbone in args.backbones:
                 layout, sel = layout_for(args.size, args.images)
                 batch, crop = train_settings(backbone, args, device)
                 for stage in (0, 2):
                     for amp in amps:
-                        if amp == "bf16" and not torch.cuda.is_bf16_supported():
+                        if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
                             continue
                         print(f"[d] training stage {stage}, {backbone}, amp {amp} ...", file=sys.stderr, flush=True)
                         try:

@@ -27,13 +27,28 @@ def cam_activation(cam: torch.Tensor, has_background: bool) -> torch.Tensor:
 
 
 def autocast_context(device: torch.device, amp: str):
-    """``torch.autocast`` for ``amp`` in {fp16, bf16} on CUDA; a no-op context otherwise."""
-    if device.type != "cuda" or amp in (None, "", "none"):
+    """``torch.autocast`` for ``amp``: fp16 or bf16 on CUDA, bf16 on CPU (oneDNN bf16 kernels: about 1.6x
+    faster convolutions on CPUs with AVX512-BF16/AMX, see :func:`cpu_has_fast_bf16`); a no-op context for
+    ``none`` and for fp16 on CPU (fp32 there)."""
+    if amp in (None, "", "none"):
         return contextlib.nullcontext()
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
     if dtype is None:
         raise ValueError(f"amp={amp!r}: expected none, fp16 or bf16")
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=dtype)
+    if device.type == "cpu" and amp == "bf16":
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX); elsewhere bf16 is emulated
+    and slower than fp32."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 @dataclass
@@ -95,6 +110,78 @@ def fuse_image(model, scaled: list, labels: torch.Tensor, out_size: tuple, flip:
     if classes:
         total /= total.flatten(1).amax(1).view(-1, 1, 1) + 1e-5
     return FusedResult(classes, total, feature)
+
+
+BG_METHODS = ("fixed", "otsu")
+
+
+def otsu_threshold(values: torch.Tensor, bins: int = 256) -> float | None:
+    """Otsu's threshold of scores in [0, 1] (any shape, any device).
+
+    The values are histogrammed into ``bins`` equal bins; the returned t is the bin edge that maximises the
+    between-class variance w0 w1 (mu0 - mu1)^2 of {values < t} and {values >= t}. Returns None when no edge
+    separates two non-empty classes (all values in one bin).
+    """
+    v = values.detach().float().flatten().clamp(0.0, 1.0)
+    hist = torch.histc(v, bins=bins, min=0.0, max=1.0).double()
+    centres = (torch.arange(bins, dtype=torch.float64, device=hist.device) + 0.5) / bins
+    w0 = hist.cumsum(0)
+    m0 = (hist * centres).cumsum(0)
+    total, mean_total = w0[-1], m0[-1]
+    den = w0 * (total - w0)
+    # (total w0 w1 (mu0 - mu1)^2 = (mean_total w0 - total m0)^2 / (w0 w1)): same argmax, no divisions by 0
+    between = torch.where(den > 0, (mean_total * w0 - total * m0) ** 2 / den.clamp(min=1e-12),
+                          torch.zeros_like(den))
+    if float(between.max()) <= 0:
+        return None
+    return (int(between.argmax()) + 1) / bins
+
+
+def background_score(maps, method: str = "fixed", fixed: float = 0.2) -> float:
+    """The background score of one image: argmax over [score; maps] labels a pixel background.
+
+    Args:
+        maps: (K, H, W) fused maps of the image's labelled classes in [0, 1] (torch tensor or NumPy array).
+        method: ``fixed`` -> ``fixed`` for every image (the spec's 0.20 suits softmax maps of a model with a
+            background channel); ``otsu`` -> Otsu's threshold of the per-pixel maximum over the K maps, a
+            per-image rule that needs no ground truth and adapts to how far a ReLU CAM spreads.
+        fixed: the constant (also the fallback for ``otsu`` when K = 0 or the maps are flat).
+    """
+    if method == "fixed":
+        return float(fixed)
+    if method != "otsu":
+        raise ValueError(f"background method {method!r}: expected one of {', '.join(BG_METHODS)}")
+    if len(maps) == 0:
+        return float(fixed)
+    maps = torch.as_tensor(maps)
+    t = otsu_threshold(maps.amax(0))
+    return float(fixed) if t is None else t
+
+
+@dataclass(frozen=True)
+class BackgroundRule:
+    """How an image's background score is chosen (config: ``<section>.bg_method`` and the section's threshold).
+
+    ``rule(maps) -> float`` with maps (K, H, W) of the labelled classes; see :func:`background_score`."""
+
+    method: str = "fixed"
+    threshold: float = 0.2
+
+    def __post_init__(self):
+        if self.method not in BG_METHODS:
+            raise ValueError(f"bg_method={self.method!r}: expected one of {', '.join(BG_METHODS)}")
+
+    @classmethod
+    def from_section(cls, sect, threshold_key: str = "bg_threshold") -> "BackgroundRule":
+        return cls(str(sect.get("bg_method", "fixed")), float(sect[threshold_key]))
+
+    def __call__(self, maps) -> float:
+        return background_score(maps, self.method, self.threshold)
+
+    def __str__(self) -> str:
+        if self.method == "fixed":
+            return f"fixed {self.threshold:.2f}"
+        return f"per-image Otsu (fallback {self.threshold:.2f})"
 
 
 def label_from_maps(result: FusedResult, bg_threshold: float) -> torch.Tensor:

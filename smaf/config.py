@@ -173,6 +173,19 @@ def stage_dir(cfg: Config, stage: str) -> Path:
     return path
 
 
+def config_changes(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every dotted key whose value differs between two config dicts (keys present in
+    only one of them included)."""
+    changes = []
+    for key in list(old) + [k for k in new if k not in old]:
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            changes += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changes
+
+
 def save_config(cfg: Config, out_dir: str | os.PathLike) -> Path:
     """Write the resolved config as ``<out_dir>/config.yaml`` and return its path."""
     out = Path(out_dir) / "config.yaml"

@@ -52,14 +52,15 @@ def _format_eta(seconds: float) -> str:
 
 
 class Validator:
-    """Single-scale CAM mIoU (constant background score) on a list with masks.
+    """Single-scale CAM mIoU on a list with masks (background score per image from ``bg_rule``, a
+    :class:`smaf.cam.BackgroundRule`).
 
     ``__call__(model) -> mIoU`` (percent) or None when the list has no masks (noted once in the log)."""
 
-    def __init__(self, cfg, layout, list_path: str, max_images: int, bg_threshold: float, device, logger):
+    def __init__(self, cfg, layout, list_path: str, max_images: int, bg_rule, device, logger):
         from .data.voc import DatasetError
 
-        self.layout, self.device, self.logger, self.bg = layout, device, logger, bg_threshold
+        self.layout, self.device, self.logger, self.bg_rule = layout, device, logger, bg_rule
         self.workers = min(2, default_workers(cfg.num_workers))
         self.amp, self.base_long = cfg.amp, cfg.fusion.base_long
         try:
@@ -82,13 +83,13 @@ class Validator:
         was_training = model.training
         model.eval()
         conf = 0
-        loader = DataLoader(InferenceDataset(self.layout, self.ids, scales=(1.0,), base_long=self.base_long), batch_size=1,
-                            num_workers=self.workers, collate_fn=collate_single,
+        dataset = InferenceDataset(self.layout, self.ids, scales=(1.0,), base_long=self.base_long)
+        loader = DataLoader(dataset, batch_size=1, num_workers=self.workers, collate_fn=collate_single,
                             generator=torch.Generator())  # never consume the global RNG (exact resume)
         for sample in loader:
             result = fuse_image(model, sample["scaled"], sample["labels"], sample["image"].shape[:2], flip=False,
                                 amp=self.amp)
-            pred = label_from_maps(result, self.bg).cpu().numpy()
+            pred = label_from_maps(result, self.bg_rule(result.maps)).cpu().numpy()
             conf = conf + confusion_matrix(pred, self.layout.load_mask(sample["id"]), self.layout.num_classes)
         model.train(was_training)
         return scores(conf, ["background"] + self.layout.class_names)["miou"]

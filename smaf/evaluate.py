@@ -1,7 +1,8 @@
 """Evaluate folders of predictions against ground-truth masks (``python -m smaf.evaluate``).
 
 Predictions are label PNGs ``<pred>/<id>.png`` (VOC numbering) or CAM ``.npy`` dicts ``<pred>/<id>.npy``
-turned into labels with a constant background score (``--bg``). Scores follow :mod:`smaf.metrics`.
+turned into labels with a constant background score (``--bg 0.2``) or each image's Otsu threshold
+(``--bg otsu``, :func:`smaf.cam.background_score`). Scores follow :mod:`smaf.metrics`.
 
 ``--curve`` sweeps the background threshold t = 0.00, 0.01, ..., 0.60 over ``.npy`` dicts. The best t is
 chosen WITH the ground truth, so the number it gives is GT-tuned: report it as such, never as the method's
@@ -26,6 +27,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from .cam import BackgroundRule
 from .io import atomic_save, cam_dict_to_label, load_cam_dict, load_label_png
 from .metrics import confusion_matrix, format_table, scores
 
@@ -95,7 +97,7 @@ def _run_parallel(fn: Callable[[str], np.ndarray], ids: Sequence[str], workers: 
 
 # --------------------------------------------------------------------------------------- evaluation
 def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, ids: Sequence[str],
-                    class_names: Sequence[str], bg_threshold: float | None = None, workers: int | None = None,
+                    class_names: Sequence[str], bg_threshold=None, workers: int | None = None,
                     desc: str = "eval", producer: str | None = None, strict: bool = True) -> dict:
     """Score a folder of predictions against a folder of ground-truth masks.
 
@@ -104,7 +106,8 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, ids:
         gt_dir: folder of ``<id>.png`` ground-truth masks (VOC numbering, 255 ignored).
         ids: image ids to evaluate.
         class_names: ``["background"] + foreground names`` (K names); K fixes the class count.
-        bg_threshold: None for PNG input; else the constant background score for ``.npy`` CAM dicts.
+        bg_threshold: None for PNG input; else, for ``.npy`` CAM dicts, the constant background score (float) or
+            a :class:`smaf.cam.BackgroundRule` (e.g. per-image Otsu).
         workers: loader threads (default ``os.cpu_count()``).
         desc: progress-bar label.
         producer: what produces the predictions, for the missing-file message (a stage name); a generic
@@ -137,7 +140,10 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, ids:
         else:
             cams = load_cam_dict(pred_path)
             _check_cam_keys(cams, num_labels - 1, pred_path)
-            pred = cam_dict_to_label(cams, bg_threshold, size=gt.shape)
+            score = bg_threshold
+            if isinstance(bg_threshold, BackgroundRule):
+                score = bg_threshold(np.stack([cams[k] for k in sorted(cams)]) if cams else [])
+            pred = cam_dict_to_label(cams, score, size=gt.shape)
         if strict:
             _check_values(gt, num_labels, gt_path, "mask")
             _check_values(pred, num_labels, pred_path, "prediction")
@@ -149,7 +155,9 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, ids:
 
     conf = _run_parallel(one, ids, workers, desc)
     result = scores(conf, class_names, num_images=len(ids))
-    result["bg_threshold"] = bg_threshold
+    result["bg_threshold"] = (bg_threshold.method if isinstance(bg_threshold, BackgroundRule)
+                              and bg_threshold.method != "fixed" else
+                              getattr(bg_threshold, "threshold", bg_threshold))
     result["confusion"] = conf.tolist()
     return result
 
@@ -415,6 +423,16 @@ def _class_names(args, gt_dir: Path) -> tuple[list[str], str]:
     return ["background"] + load_class_names(None), "the 20 VOC classes (no labels.txt found; use --labels)"
 
 
+def _bg_argument(text: str):
+    """--bg value: a float, or 'otsu'."""
+    if text.strip().lower() == "otsu":
+        return "otsu"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'otsu', got {text!r}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m smaf.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -426,9 +444,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--list", help="split list (bare ids or '/JPEGImages/x.jpg /SegmentationClassAug/x.png' lines); "
                                   "default: every mask of the ground-truth folder")
     p.add_argument("--labels", help="labels.txt with the class names (default: beside the masks, else VOC's 20)")
-    p.add_argument("--bg", type=float, default=None,
-                   help=f"background score for .npy CAM dicts (default {DEFAULT_BG}); implies .npy input. Without "
-                        f"it, a folder with .png files is evaluated as label maps, otherwise as .npy")
+    p.add_argument("--bg", type=_bg_argument, default=None,
+                   help=f"background score for .npy CAM dicts: a number (default {DEFAULT_BG}) or 'otsu' (each "
+                        f"image's Otsu threshold, fallback {DEFAULT_BG}); implies .npy input. Without it, a folder "
+                        f"with .png files is evaluated as label maps, otherwise as .npy")
     p.add_argument("--curve", action="store_true",
                    help="sweep the background threshold 0.00..0.60 over .npy dicts (GT-tuned), write curve.csv "
                         "and curve.png")
@@ -474,6 +493,8 @@ def _main(argv: list[str] | None) -> int:
           f"predictions: {fmt} in '{pred_dir}'")
 
     if args.curve:
+        if args.bg == "otsu":
+            raise ValueError("--curve sweeps constant background scores: give --bg a number (or leave it out)")
         bg = DEFAULT_BG if args.bg is None else args.bg
         grid = list(DEFAULT_THRESHOLDS)
         thr, confs = sweep_confusions(pred_dir, gt_dir, ids, class_names, grid + [bg], workers=args.workers)
@@ -501,9 +522,12 @@ def _main(argv: list[str] | None) -> int:
         return 0
 
     bg = None if fmt == "png" else (DEFAULT_BG if args.bg is None else args.bg)
+    if bg == "otsu":
+        bg = BackgroundRule("otsu", DEFAULT_BG)
     result = evaluate_folder(pred_dir, gt_dir, ids, class_names, bg_threshold=bg, workers=args.workers)
     result.update({"ids": id_source, "pred_dir": str(pred_dir), "gt_dir": str(gt_dir)})
-    title = f"{pred_dir} ({fmt}" + (f", background threshold {bg:.2f})" if bg is not None else ")")
+    title = f"{pred_dir} ({fmt}" + (f", background {bg})" if isinstance(bg, BackgroundRule) else
+                                    f", background threshold {bg:.2f})" if bg is not None else ")")
     print(format_table(result, title=title))
     print(f"wrote {write_report(result, out_dir, name)}")
     return 0

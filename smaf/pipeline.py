@@ -4,8 +4,9 @@
 Runs stage 0 on the training list; stage 1 single-scale (the baseline) and multi-scale on the training
 and validation lists; stage 2 once per denoising setting; stage 3 on both lists for each setting, with the
 CRF step for the config's default setting. Prints one table of mIoU (train = pseudo-mask quality, val)
-with the fixed background threshold of the config (never tuned on ground truth), the wall time of each
-stage, and writes ``summary.json``, ``summary.md`` and ``figure.jpg`` (image | GT | single-scale CAM |
+with the config's background rule (a fixed score, or per-image Otsu: never tuned on ground truth; with
+Otsu the same maps are also scored at the fixed ``fusion.bg_threshold`` for comparison), the wall time of
+each stage, and writes ``summary.json``, ``summary.md`` and ``figure.jpg`` (image | GT | single-scale CAM |
 fused CAM | final mask for a few validation images) into ``work_dir``.
 
 Every stage skips finished outputs, so re-running after an interruption continues where it stopped.
@@ -52,6 +53,15 @@ def run_pipeline(cfg, denoise_variants=None, figure_rows: int = 4, log=print) ->
     lists = {"train": (cfg.data.train_list, cfg.data.infer_list), "val": (cfg.data.val_list, cfg.data.val_list)}
     splits = tuple(lists)
     timings, miou = {}, {split: {} for split in splits}
+    npy_dirs = {split: {} for split in splits}    # column -> folder of its CAM dicts (fixed-score comparison)
+    bg_scores = {split: {} for split in splits}   # column -> spread of the per-image background scores
+    work = Path(cfg.work_dir)
+
+    def record(split, column, result, out_subdir):
+        miou[split][column] = result["miou"]
+        npy_dirs[split][column] = work / out_subdir / "cam_npy"
+        if result.get("bg_scores"):
+            bg_scores[split][column] = result["bg_scores"]
 
     # A stage whose outputs already exist is skipped in seconds; it keeps the wall time measured when it ran.
     timings_file = Path(cfg.work_dir) / "timings.json"
@@ -73,10 +83,12 @@ def run_pipeline(cfg, denoise_variants=None, figure_rows: int = 4, log=print) ->
         gen_list, eval_list = lists[split]
         single = derive(cfg, fusion__scales=[1.0], fusion__flip=False, fusion__out_subdir=f"fusion_single_{split}",
                         fusion__list=gen_list, fusion__eval_list=eval_list)
-        miou[split]["single-scale CAM"] = timed(f"stage 1 single-scale ({split})", gen_fusion.run, single)["miou"]
+        record(split, "single-scale CAM", timed(f"stage 1 single-scale ({split})", gen_fusion.run, single),
+               single.fusion.out_subdir)
         multi = derive(cfg, fusion__out_subdir=cfg.fusion.out_subdir if split == "train" else f"fusion_{split}",
                        fusion__list=gen_list, fusion__eval_list=eval_list)
-        miou[split]["fused multi-scale CAM"] = timed(f"stage 1 multi-scale ({split})", gen_fusion.run, multi)["miou"]
+        record(split, "fused multi-scale CAM", timed(f"stage 1 multi-scale ({split})", gen_fusion.run, multi),
+               multi.fusion.out_subdir)
     for denoise in variants:
         name = _variant_name(denoise)
         stage2 = derive(cfg, train_fusion__denoise=denoise, train_fusion__out_subdir=f"train_fusion_{name}")
@@ -84,34 +96,83 @@ def run_pipeline(cfg, denoise_variants=None, figure_rows: int = 4, log=print) ->
         for split in splits:
             gen_list, eval_list = lists[split]
             with_crf = denoise == default_denoise
-            stage3 = derive(stage2, pseudo_masks__out_subdir=f"pseudo_masks_{name}_{split}", pseudo_masks__list=gen_list,
-                            pseudo_masks__eval_list=eval_list, pseudo_masks__crf=with_crf, crf__eval_list=eval_list)
+            stage3 = derive(stage2, pseudo_masks__out_subdir=f"pseudo_masks_{name}_{split}",
+                            pseudo_masks__list=gen_list, pseudo_masks__eval_list=eval_list, pseudo_masks__crf=with_crf, crf__eval_list=eval_list)
             result = timed(f"stage 3: pseudo masks{' + CRF' if with_crf else ''} ({name}, {split})", gen_pm.run,
                            stage3)
-            miou[split][f"self-trained ({name.replace('_', ' ')})"] = result["miou"]
+            record(split, f"self-trained ({name.replace('_', ' ')})", result, stage3.pseudo_masks.out_subdir)
             if with_crf:
                 miou[split][f"self-trained ({name.replace('_', ' ')}) + CRF"] = result["miou_crf"]
     summary = {"config": cfg.get("config_name", ""), "work_dir": str(cfg.work_dir),
-               "backbone": cfg.model.backbone, "bg_threshold": cfg.fusion.bg_threshold,
+               "backbone": cfg.model.backbone, "bg_method": cfg.fusion.bg_method,
+               "bg_method_stage3": cfg.pseudo_masks.bg_method, "bg_threshold": cfg.fusion.bg_threshold,
                "bg_threshold_stage3": cfg.pseudo_masks.bg_threshold, "default_denoise": default_denoise,
-               "miou": miou, "timings_s": timings, "total_s": round(sum(timings.values()), 1)}
-    work = Path(cfg.work_dir)
+               "miou": miou, "bg_scores": bg_scores, "timings_s": timings,
+               "total_s": round(sum(timings.values()), 1)}
+    if "fixed" not in (cfg.fusion.bg_method, cfg.pseudo_masks.bg_method):
+        summary["miou_fixed"] = fixed_score_comparison(cfg, npy_dirs, float(cfg.fusion.bg_threshold), log)
     summary["figure"] = str(make_figure(cfg, work, _variant_name(default_denoise), figure_rows))
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     (work / "summary.md").write_text(format_summary(summary))
     return summary
 
 
+def fixed_score_comparison(cfg, npy_dirs: dict, threshold: float, log=print) -> dict:
+    """mIoU of every column's CAM dicts at the fixed background score ``threshold`` (no CRF), to set the
+    per-image rule of the config beside the constant. Returns {split: {column: mIoU or None}}."""
+    from .data.voc import VOCLayout
+    from .evaluate import evaluate_folder
+
+    layout = VOCLayout.from_config(cfg)
+    names = ["background"] + layout.class_names
+    lists = {"train": cfg.data.infer_list, "val": cfg.data.val_list}
+    out = {}
+    for split, columns in npy_dirs.items():
+        ids = layout.read_list(lists[split])
+        if not layout.has_masks(ids):
+            continue
+        out[split] = {c: evaluate_folder(d, layout.mask_dir, ids, names, bg_threshold=threshold,
+                                         desc=f"fixed {threshold:.2f}: {c} ({split})")["miou"]
+                      for c, d in columns.items()}
+        log(f"== at the fixed background score {threshold:.2f} ({split}): "
+            + ", ".join(f"{c} {v:.2f}" for c, v in out[split].items()))
+    return out
+
+
+def _bg_rule_line(summary: dict) -> str:
+    methods = {summary.get("bg_method", "fixed"), summary.get("bg_method_stage3", "fixed")}
+    if methods == {"fixed"}:
+        return (f"background threshold {summary['bg_threshold']:.2f} (fixed by the config, not tuned on ground "
+                f"truth)")
+    spread = []
+    for split, columns in summary.get("bg_scores", {}).items():
+        for column, s in columns.items():
+            spread.append(f"{column} ({split}) {s['median']:.2f} [{s['p10']:.2f}-{s['p90']:.2f}]")
+    return ("background threshold: per-image Otsu threshold of each image's own fused map (config "
+            "`bg_method: otsu`; no ground truth involved). Median [10th-90th percentile] of the thresholds used: "
+            + "; ".join(spread))
+
+
 def format_summary(summary: dict) -> str:
-    """Markdown table: one column per method, one row per split; then the stage timings."""
+    """Markdown table: one column per method, one row per split (and per split at the fixed score when the
+    config's rule is per-image); then the background rule and the stage timings."""
     splits = list(summary["miou"])
     columns = list(dict.fromkeys(k for s in splits for k in summary["miou"][s]))
+    columns.sort(key=lambda c: c.endswith("+ CRF"))   # stable: the CRF column last, as the final masks
     lines = [f"| mIoU (%) | {' | '.join(columns)} |", "|---" * (len(columns) + 1) + "|"]
+    fixed = summary.get("miou_fixed") or {}
+
+    def row(label, values):
+        cells = [values.get(c) for c in columns]
+        return f"| {label} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in cells) + " |"
+
     for split in splits:
-        cells = [summary["miou"][split].get(c) for c in columns]
-        lines.append(f"| {split} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in cells) + " |")
-    lines += ["", f"background threshold {summary['bg_threshold']:.2f} (fixed by the config, not tuned on ground "
-              f"truth); backbone {summary['backbone']}", "", "| stage | wall time (s) |", "|---|---|"]
+        lines.append(row(split, summary["miou"][split]))
+    for split in splits:
+        if split in fixed:
+            lines.append(row(f"{split}, fixed {summary['bg_threshold']:.2f} (comparison)", fixed[split]))
+    lines += ["", _bg_rule_line(summary) + f"; backbone {summary['backbone']}", "", "| stage | wall time (s) |",
+              "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in summary["timings_s"].items()]
     lines.append(f"| total | {summary['total_s']:.1f} |")
     return "\n".join(lines) + "\n"

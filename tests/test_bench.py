@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from smaf import bench
+from smaf.cam import BackgroundRule, cpu_has_fast_bf16
 
 
 def test_bench_sections_a_b_c_on_tiny_images(tiny_voc, tmp_path, capsys):
@@ -35,6 +36,13 @@ def test_bench_sections_a_b_c_on_tiny_images(tiny_voc, tmp_path, capsys):
     assert fusion["max_abs_diff"] <= 1e-4 and fusion["outputs_match"] is True
     assert fusion["png_agreement"] > 0.999
     assert fusion["target_ratio"] == 1.5 and isinstance(fusion["pass"], bool)
+    amp = fusion["amp_variant"]
+    if cpu_has_fast_bf16():   # our path once more with bf16 autocast, compared with the fp32 baseline
+        assert amp["amp"] == "bf16" and amp["images_per_s"] > 0 and len(fusion["times_s"]["ours_amp"]) == 1
+        assert 0 < amp["max_abs_diff"] < 0.1 and amp["within_tolerance"] == (amp["max_abs_diff"] <= 2e-2)
+        assert "+ ours amp bf16" in text
+    else:
+        assert amp is None
 
     crf = report["crf"]
     assert crf["num_images"] == 3 and crf["pool_workers"] == crf["cores"] >= 1
@@ -111,7 +119,8 @@ def test_cpu_worker_fusion_writes_the_files_of_the_in_process_path(tiny_voc, tmp
                                     f"num_workers={workers}", "fusion.scales=[0.5,1.0]"])
         out = dirs[workers] = tmp_path / f"w{workers}"
         n = gen_fusion.generate_fused_outputs(cfg, model, layout, ids, out, torch.device("cpu"),
-                                              logging.getLogger("test"), 0.2, 2, prototypes=True, desc="t")
+                                              logging.getLogger("test"), BackgroundRule(), 2, prototypes=True,
+                                              desc="t")
         assert n == len(ids)
     for image_id in ids:
         a, b = (load_cam_dict(dirs[w] / "cam_npy" / f"{image_id}.npy") for w in (0, 2))

@@ -265,3 +265,25 @@ def test_efficientnet_lite0_imagenet_predictions_on_pets(pets_root):
         wanted = DOG_CLASSES if image_id.startswith("american_bulldog") else CAT_CLASSES
         correct += any(c in wanted for c in classes)
     assert correct >= 27, f"only {correct}/30 photos have the right animal in the top 5"
+
+
+def test_folded_inference_copy_gives_the_same_maps_and_leaves_the_model_alone():
+    from smaf.models.fold import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = CAMNet(EfficientNetLite0(output_stride=8, pretrained=False), 3, head="smaf").eval()
+    for m in model.modules():   # non-trivial BN statistics, or folding would be a no-op check
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    folded, count = fold_batchnorm(model)
+    assert count == 1 + 2 + sum(1 + (b.expand_conv is not None) + 1 for s in model.backbone.stages for b in s)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == count   # original untouched
+    x = torch.randn(2, 3, 72, 88)
+    with torch.no_grad():
+        ref, out = model(x), folded(x)
+    for a, b in zip(ref, out):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * float(a.abs().max()))

@@ -219,10 +219,40 @@ def test_pipeline_runner_measures_every_stage(tiny_voc, tmp_path):
     assert all(0.0 <= v <= 100.0 for v in row.values())
     assert len(summary["timings_s"]) == 1 + 4 + 2 + 4 and all(t >= 0 for t in summary["timings_s"].values())
     table = format_summary(summary)
-    assert "| val |" in table and "not tuned on ground truth" in table
+    assert "| val |" in table and "per-image Otsu" in table and "no ground truth" in table
+    # the demo config's per-image rule is set beside the fixed score, on the same saved maps (no CRF there)
+    assert summary["bg_method"] == "otsu"
+    fixed = summary["miou_fixed"]["val"]
+    assert set(fixed) == set(row) - {"self-trained (denoise off) + CRF"}
+    assert "| val, fixed 0.20 (comparison) |" in table
+    from smaf.data.voc import VOCLayout
+    from smaf.evaluate import evaluate_folder
+
+    layout = VOCLayout.from_config(cfg)
+    direct = evaluate_folder(tmp_path / "fusion_val" / "cam_npy", layout.mask_dir,
+                             layout.read_list(cfg.data.val_list), ["background"] + layout.class_names,
+                             bg_threshold=0.2)["miou"]
+    assert fixed["fused multi-scale CAM"] == pytest.approx(direct)
+    scores = summary["bg_scores"]["val"]["fused multi-scale CAM"]
+    assert 0 < scores["p10"] <= scores["median"] <= scores["p90"] < 1
+    fixed_rule = dict(summary, bg_method="fixed", bg_method_stage3="fixed", miou_fixed={})
+    assert "background threshold 0.20 (fixed by the config, not tuned on ground truth)" in format_summary(fixed_rule)
     assert (tmp_path / "summary.json").is_file() and (tmp_path / "summary.md").read_text() == table
     assert (tmp_path / "figure.jpg").is_file()
     # the variants trained separately, the CRF ran only for the config's default setting (denoise off)
     assert (tmp_path / "train_fusion_denoise_on" / "final.pth").is_file()
     assert (tmp_path / "pseudo_masks_denoise_off_val" / "crf_png").is_dir()
     assert not (tmp_path / "pseudo_masks_denoise_on_val" / "crf_png").exists()
+
+
+def test_reused_outputs_made_under_another_config_are_flagged(tiny_voc, tmp_path):
+    from smaf.stages.common import prepare_output
+
+    log_file = tmp_path / "fusion" / "log.txt"
+    prepare_output(tiny_cfg(tiny_voc, tmp_path), "fusion", "gen_fusion")
+    prepare_output(tiny_cfg(tiny_voc, tmp_path), "fusion", "gen_fusion")
+    assert "differs" not in log_file.read_text()          # same settings: a plain resume
+    prepare_output(tiny_cfg(tiny_voc, tmp_path, "fusion.bg_method=fixed"), "fusion", "gen_fusion")
+    warning = [ln for ln in log_file.read_text().splitlines() if "differs" in ln]
+    assert len(warning) == 1 and "fusion.bg_method: 'otsu' -> 'fixed'" in warning[0]
+    assert str(tmp_path / "fusion") in warning[0]

@@ -164,6 +164,8 @@ class MBConvBlock(nn.Module):
     (B, in_channels, H, W) -> (B, out_channels, ceil(H / stride), ceil(W / stride)).
     """
 
+    CONV_BN_PAIRS = (("expand_conv", "expand_bn"), ("depthwise_conv", "depthwise_bn"), ("project_conv", "project_bn"))
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, expand_ratio: int,
                  dilation: int = 1):
         super().__init__()
@@ -283,6 +285,8 @@ class EfficientNetLite0(nn.Module):
     """
 
     out_channels = HEAD_CHANNELS
+
+    CONV_BN_PAIRS = (("stem_conv", "stem_bn"), ("head_conv", "head_bn"))   # for smaf.models.fold
 
     def __init__(self, output_stride: int = 16, pretrained: bool | str | Path | None = True):
         super().__init__()

@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 from .. import dist
-from ..config import ConfigError, parse_cli, save_config
+from ..config import ConfigError, config_changes, parse_cli, save_config
 from ..data.voc import DatasetError, VOCLayout
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -47,12 +48,25 @@ def prepare_output(cfg, subdir: str, name: str):
     layout = layout_from(cfg)
     device = dist.init_from_env(cfg.device)
     out_dir = Path(cfg.work_dir) / subdir
+    changes = []
     if dist.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
+        previous = out_dir / "config.yaml"
+        if previous.is_file():
+            try:
+                changes = config_changes(yaml.safe_load(previous.read_text()) or {}, cfg.to_dict())
+            except yaml.YAMLError:
+                changes = [f"{previous} is not valid YAML"]
         save_config(cfg, out_dir)
     dist.barrier()
     logger = get_logger(name, out_dir / "log.txt")
     logger.info("output folder %s | device %s | world size %d", out_dir, device, dist.world_size())
+    if changes:
+        # Finished outputs are reused (resume), so outputs made under the old settings would silently stay.
+        logger.warning("the config differs from the one this folder's outputs were made with (%s); finished "
+                       "outputs are kept and reused: to regenerate them, delete %s or set another out_subdir / "
+                       "work_dir", "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6
+                                                             else ""), out_dir)
     return out_dir, logger, device, layout
 
 

@@ -4,7 +4,8 @@ For every image of ``fusion.list`` the stage-0 model (eval mode) runs at ``fusio
 fused maps M (C x H x W in [0, 1], see :mod:`smaf.cam`) are written to
 
     <work_dir>/<fusion.out_subdir>/cam_npy/<id>.npy      CAM dict {class: HxW float32} of labelled classes
-    <work_dir>/<fusion.out_subdir>/cam_png/<id>.png      argmax over [bg threshold; M], VOC numbering
+    <work_dir>/<fusion.out_subdir>/cam_png/<id>.png      argmax over [bg score; M], VOC numbering (the score is
+                                                         fusion.bg_threshold, or per image with bg_method otsu)
     <work_dir>/<fusion.out_subdir>/proto_stats/<id>.npy  per-class mean feature f of the image
     <work_dir>/<fusion.out_subdir>/prototypes.pt         (C+1) x D class prototypes (background last)
     <work_dir>/<fusion.out_subdir>/overlays/             pictures of the first ``fusion.overlays`` images
@@ -24,10 +25,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .. import dist
-from ..cam import class_feature_means, fuse_image, label_from_maps
+from ..cam import BackgroundRule, class_feature_means, fuse_image, label_from_maps
 from ..checkpoint import load_model
 from ..data.voc import InferenceDataset, collate_single
 from ..io import AsyncWriter, atomic_save, save_cam_dict, overlay, save_label_png, save_panel
+from ..models.fold import fold_batchnorm
 from .common import available_cores, default_workers, pick, prepare_output
 
 
@@ -52,13 +54,17 @@ def is_finished(out_dir: Path, image_id: str, prototypes: bool) -> bool:
     return done and (not prototypes or (out_dir / "proto_stats" / f"{image_id}.npy").is_file())
 
 
-def generate_fused_outputs(cfg, model, layout, ids: list, out_dir: Path, device, logger, bg_threshold: float,
+def generate_fused_outputs(cfg, model, layout, ids: list, out_dir: Path, device, logger, bg_rule: BackgroundRule,
                            num_overlays: int, prototypes: bool, desc: str) -> int:
-    """Write cam_npy/, cam_png/ (and proto_stats/ when ``prototypes``) for this rank's share of ``ids``.
+    """Write cam_npy/, cam_png/ (and proto_stats/ when ``prototypes``) for this rank's share of ``ids``;
+    ``bg_rule`` gives each image's background score for the PNG (and so for the prototypes).
 
     Returns the number of images processed (skipped finished ones excluded)."""
     fus = cfg.fusion
     model.eval()
+    model, folded = fold_batchnorm(model)   # an inference copy: the same maps, fewer passes over activations
+    if folded:
+        logger.info("inference copy of the model with %d conv+BN pairs folded", folded)
     if fus.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     overlay_ids = set(ids[:num_overlays])
@@ -72,8 +78,9 @@ def generate_fused_outputs(cfg, model, layout, ids: list, out_dir: Path, device,
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
     dataset = InferenceDataset(layout, todo, scales=fus.scales, base_long=fus.base_long)
     workers = default_workers(cfg.num_workers)
-    fuse = _SampleFuser(model, fus, cfg.amp, bg_threshold, layout.num_classes, prototypes, overlay_ids)
-    on_workers = device.type == "cpu" and workers >= 2 and workers >= available_cores()
+    fuse = _SampleFuser(model, fus, cfg.amp, bg_rule, layout.num_classes, prototypes, overlay_ids)
+    # (not for fewer images than workers: one single-threaded worker would then leave cores idle)
+    on_workers = device.type == "cpu" and workers >= 2 and workers >= available_cores() and len(todo) >= workers
     if on_workers:
         # CPU, a loader worker per core: each worker decodes AND fuses whole images with one thread (forked
         # workers must stay single-threaded: OpenMP is not fork-safe). Small CAM ops scale poorly over
@@ -99,9 +106,9 @@ class _SampleFuser:
     """One :class:`~smaf.data.voc.InferenceDataset` sample -> everything the writer needs (CPU tensors):
     ``{id, classes, maps, label, stats (prototypes) or None, image (overlay ids) or None}``."""
 
-    def __init__(self, model, fus, amp: str, bg_threshold: float, num_classes: int, prototypes: bool,
+    def __init__(self, model, fus, amp: str, bg_rule: BackgroundRule, num_classes: int, prototypes: bool,
                  overlay_ids: set):
-        self.model, self.fus, self.amp, self.bg_threshold = model, fus, amp, bg_threshold
+        self.model, self.fus, self.amp, self.bg_rule = model, fus, amp, bg_rule
         self.num_classes, self.prototypes, self.overlay_ids = num_classes, prototypes, overlay_ids
 
     def __call__(self, sample: dict) -> dict:
@@ -109,7 +116,7 @@ class _SampleFuser:
         result = fuse_image(self.model, sample["scaled"], sample["labels"], image.shape[:2], flip=fus.flip,
                             amp=self.amp, channels_last=fus.channels_last, with_feature=self.prototypes,
                             scales=fus.scales)
-        label = label_from_maps(result, self.bg_threshold)
+        label = label_from_maps(result, self.bg_rule(result.maps))
         stats = (class_feature_means(result.feature, label, self.num_classes, fus.prototype_min_pixels)
                  if self.prototypes else None)
         return {"id": sample["id"], "classes": result.classes, "maps": result.maps.cpu(), "label": label.cpu(),
@@ -144,9 +151,28 @@ def aggregate_prototypes(out_dir: Path, ids: list, num_classes: int, feat_dim: i
     return protos, counts
 
 
+def background_score_stats(npy_dir: Path, ids: list, bg_rule: BackgroundRule) -> dict:
+    """The background scores ``bg_rule`` gives the saved fused maps ``<npy_dir>/<id>.npy`` of ``ids`` (the
+    scores their PNGs were made with): ``{method, median, p10, p90, fallback_images}``."""
+    from ..io import load_cam_dict
+
+    scores, fallback = [], 0
+    for image_id in ids:
+        cams = load_cam_dict(npy_dir / f"{image_id}.npy")
+        maps = np.stack([cams[k] for k in sorted(cams)]) if cams else np.zeros((0, 1, 1), np.float32)
+        score = bg_rule(maps)
+        scores.append(score)
+        fallback += int(bg_rule.method != "fixed" and score == bg_rule.threshold)
+    p10, median, p90 = (float(v) for v in np.percentile(scores, [10, 50, 90])) if scores else (None,) * 3
+    return {"method": bg_rule.method, "fallback": bg_rule.threshold, "median": median, "p10": p10, "p90": p90,
+            "fallback_images": fallback}
+
+
 def evaluate_outputs(cfg, layout, out_dir: Path, subfolder: str, eval_ids: list, logger, done_ids: set,
-                     name: str | None = None) -> dict | None:
-    """mIoU of ``<out_dir>/<subfolder>/*.png`` on ``eval_ids`` when masks exist and every id was produced."""
+                     name: str | None = None, bg_rule: BackgroundRule | None = None) -> dict | None:
+    """mIoU of ``<out_dir>/<subfolder>/*.png`` on ``eval_ids`` when masks exist and every id was produced.
+    With a per-image ``bg_rule``, the report also gives the spread of the background scores used
+    (``bg_scores``, see :func:`background_score_stats`)."""
     from ..evaluate import evaluate_folder, write_report
     from ..metrics import format_table
 
@@ -160,13 +186,21 @@ def evaluate_outputs(cfg, layout, out_dir: Path, subfolder: str, eval_ids: list,
         return None
     result = evaluate_folder(out_dir / subfolder, layout.mask_dir, eval_ids,
                              ["background"] + layout.class_names, desc=f"eval {subfolder}")
+    if bg_rule is not None:
+        result["bg_threshold"] = bg_rule.threshold if bg_rule.method == "fixed" else bg_rule.method
+        if bg_rule.method != "fixed":
+            stats = background_score_stats(out_dir / "cam_npy", eval_ids, bg_rule)
+            result["bg_scores"] = stats
+            logger.info("background scores (%s): median %.3f, 10-90%% %.3f-%.3f, %d images at the fallback",
+                        bg_rule, stats["median"], stats["p10"], stats["p90"], stats["fallback_images"])
     write_report(result, out_dir / "eval", name or subfolder)
     logger.info("%s", format_table(result, title=f"{out_dir.name}/{subfolder} on {len(eval_ids)} images"))
     return result
 
 
 def run(cfg) -> dict:
-    """Stage 1. Returns {'miou': float or None, 'out_dir': Path, 'num_images': int}."""
+    """Stage 1. Returns {'miou': float or None, 'out_dir': Path, 'num_images': int, 'bg_scores': the spread of
+    per-image background scores (see :func:`background_score_stats`) or None}."""
     fus = cfg.fusion
     out_dir, logger, device, layout = prepare_output(cfg, fus.out_subdir, "gen_fusion")
     ids = layout.read_list(pick(fus.list, cfg.data.train_list))
@@ -175,7 +209,9 @@ def run(cfg) -> dict:
     model, meta = load_model(ckpt, producer="stage 0 (bash script/train_cls.sh)", device=device)
     logger.info("model %s/%s from %s | %d images | scales %s flip %s", meta["backbone"], meta["head"], ckpt,
                 len(ids), list(fus.scales), fus.flip)
-    generate_fused_outputs(cfg, model, layout, ids, out_dir, device, logger, fus.bg_threshold, fus.overlays,
+    bg_rule = BackgroundRule.from_section(fus)
+    logger.info("background score: %s", bg_rule)
+    generate_fused_outputs(cfg, model, layout, ids, out_dir, device, logger, bg_rule, fus.overlays,
                            prototypes=True, desc="fusion")
     dist.barrier()
     result = {"out_dir": out_dir, "num_images": len(ids), "miou": None}
@@ -186,8 +222,9 @@ def run(cfg) -> dict:
         empty = [n for n, c in zip(layout.class_names + ["background"], counts.tolist()) if c == 0]
         logger.info("prototypes (%d x %d) -> %s%s", protos.shape[0], protos.shape[1], out_dir / "prototypes.pt",
                     f"; no image contributed to: {', '.join(empty)}" if empty else "")
-        evaluation = evaluate_outputs(cfg, layout, out_dir, "cam_png", eval_ids, logger, set(ids))
+        evaluation = evaluate_outputs(cfg, layout, out_dir, "cam_png", eval_ids, logger, set(ids), bg_rule=bg_rule)
         result["miou"] = evaluation["miou"] if evaluation else None
+        result["bg_scores"] = evaluation.get("bg_scores") if evaluation else None
     dist.barrier()
     return result
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import dist
+from ..cam import BackgroundRule
 from ..checkpoint import load_model
 from . import crf as crf_step
 from .common import pick, prepare_output
@@ -18,22 +19,25 @@ from .gen_fusion import evaluate_outputs, generate_fused_outputs
 
 
 def run(cfg) -> dict:
-    """Stage 3. Returns {'miou': plain mask mIoU or None, 'miou_crf': CRF mask mIoU or None, 'out_dir'}."""
+    """Stage 3. Returns {'miou': plain mask mIoU or None, 'miou_crf': CRF mask mIoU or None, 'out_dir',
+    'bg_scores' (as stage 1's)}."""
     sect = cfg.pseudo_masks
     out_dir, logger, device, layout = prepare_output(cfg, sect.out_subdir, "gen_pm")
     ids = layout.read_list(pick(sect.list, cfg.data.train_list))
     eval_ids = layout.read_list(pick(sect.eval_list, cfg.data.infer_list))
     ckpt = pick(sect.checkpoint, str(Path(cfg.work_dir) / cfg.train_fusion.out_subdir / "final.pth"))
     model, meta = load_model(ckpt, producer="stage 2 (bash script/train_fusion.sh)", device=device)
-    logger.info("pseudo masks with %s (%s/%s) on %d images, scales %s flip %s, bg %.2f", ckpt, meta["backbone"],
-                meta["head"], len(ids), list(cfg.fusion.scales), cfg.fusion.flip, sect.bg_threshold)
-    generate_fused_outputs(cfg, model, layout, ids, out_dir, device, logger, sect.bg_threshold, sect.overlays,
+    bg_rule = BackgroundRule.from_section(sect)
+    logger.info("pseudo masks with %s (%s/%s) on %d images, scales %s flip %s, background score %s", ckpt,
+                meta["backbone"], meta["head"], len(ids), list(cfg.fusion.scales), cfg.fusion.flip, bg_rule)
+    generate_fused_outputs(cfg, model, layout, ids, out_dir, device, logger, bg_rule, sect.overlays,
                            prototypes=False, desc="pseudo masks")
     dist.barrier()
     result = {"out_dir": out_dir, "miou": None, "miou_crf": None}
     if dist.is_main():
-        evaluation = evaluate_outputs(cfg, layout, out_dir, "cam_png", eval_ids, logger, set(ids))
+        evaluation = evaluate_outputs(cfg, layout, out_dir, "cam_png", eval_ids, logger, set(ids), bg_rule=bg_rule)
         result["miou"] = evaluation["miou"] if evaluation else None
+        result["bg_scores"] = evaluation.get("bg_scores") if evaluation else None
     dist.barrier()
     if sect.crf:
         result["miou_crf"] = crf_step.run(cfg, out_subdir=sect.out_subdir)["miou"]

@@ -11,6 +11,7 @@ Outputs in ``<work_dir>/train_cls/``: ``final.pth`` (the model stage 1 loads), `
 """
 from __future__ import annotations
 
+from ..cam import BackgroundRule
 from ..checkpoint import model_meta
 from ..data.transforms import JointTrainTransform
 from ..data.voc import ClassificationDataset
@@ -66,7 +67,8 @@ def run(cfg):
 
     model = build_model(Config(model_cfg), layout.num_classes).to(device)
     meta = model_meta(model, cfg.model.backbone, cfg.model.output_stride)  # build_model enforces 8 for resnet38d
-    validator = Validator(cfg, layout, cfg.data.val_list, sect.val_max_images, cfg.fusion.bg_threshold, device, logger)
+    validator = Validator(cfg, layout, cfg.data.val_list, sect.val_max_images, BackgroundRule.from_section(cfg.fusion),
+                          device, logger)
     logger.info("stage 0: %s loss, %s backbone (%s head), %d classes", sect.loss, cfg.model.backbone, head,
                 layout.num_classes)
     step = make_step(sect.loss, layout.num_classes, sect.tau, sect.lam, device)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dist
+from ..cam import BackgroundRule
 from ..checkpoint import load_model
 from ..data.transforms import JointTrainTransform, crop_to_image_grid
 from ..data.voc import ClassificationDataset, collate_train
@@ -185,9 +186,11 @@ def run(cfg):
     step, after_step = make_step(student, teacher, bank, num_classes, target_size, sect.bg_score, sect.loss_weight,
                                  sect.denoise, sect.ema, device)
 
-    validator = Validator(cfg, layout, cfg.data.val_list, sect.val_max_images, cfg.fusion.bg_threshold, device, logger)
-    logger.info("stage 2: %d images, fused maps from %s, denoise %s, target %dx%d", len(ids), fusion_dir,
-                sect.denoise, target_size, target_size)
+    # the student is validated like stage 3 will use it: single-scale here, with stage 3's background rule
+    validator = Validator(cfg, layout, cfg.data.val_list, sect.val_max_images,
+                          BackgroundRule.from_section(cfg.pseudo_masks), device, logger)
+    logger.info("stage 2: %d images, fused maps from %s, denoise %s, target %dx%d, target background score %.2f",
+                len(ids), fusion_dir, sect.denoise, target_size, target_size, sect.bg_score)
     return train_loop(cfg, sect, out_dir, logger, device, student, dataset, step, meta,
                       extras={"teacher": ModuleState(teacher), "prototypes": bank}, after_step=after_step,
                       validator=validator, final_extras=lambda: {"final_teacher.pth": (teacher, meta)})
