@@ -2,8 +2,9 @@
 # Real-data benchmark: the whole pipeline on the Oxford-IIIT Pet subset (VOC layout), every stage measured.
 # Stage 0 on train (plain CAM loss: no saliency maps exist), stage 1 single- and multi-scale on train and val,
 # stage 2 with denoising off and on, stage 3 on train and val (+ CRF for the default setting). Prints the
-# mIoU table (train = pseudo-mask quality) with the fixed background threshold and each stage's wall time;
-# writes work_dirs/pets/{summary.md,summary.json,figure.jpg}.
+# mIoU table (train = pseudo-mask quality) under the config's background rule (per-image Otsu, GT-free) and,
+# for comparison, at the fixed 0.20, with the thresholds used and each stage's wall time; writes
+# work_dirs/pets/{summary.md,summary.json,figure.jpg}.
 # Usage: PETS_ROOT=../shared/data/pets bash script/bench_pets.sh [key=value ...]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
