@@ -178,6 +178,15 @@ class BackgroundRule:
     def __call__(self, maps) -> float:
         return background_score(maps, self.method, self.threshold)
 
+    def score_cam_dict(self, cams: dict) -> float:
+        """The score of a saved CAM dict ``{class: (H, W) map}`` (:func:`smaf.io.load_cam_dict`)."""
+        return self(torch.stack([torch.as_tensor(cams[k]) for k in sorted(cams)]) if cams else [])
+
+    @property
+    def report_value(self):
+        """What reports store as ``bg_threshold``: the constant for ``fixed``, else the method name."""
+        return self.threshold if self.method == "fixed" else self.method
+
     def __str__(self) -> str:
         if self.method == "fixed":
             return f"fixed {self.threshold:.2f}"

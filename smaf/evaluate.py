@@ -125,6 +125,7 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, ids:
     """
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     num_labels = len(class_names)
+    is_rule = isinstance(bg_threshold, BackgroundRule)
     suffix = ".png" if bg_threshold is None else ".npy"
     producer = producer or (PNG_PRODUCERS if bg_threshold is None else NPY_PRODUCERS)
     _check_dirs(pred_dir, gt_dir, producer)
@@ -140,9 +141,7 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, ids:
         else:
             cams = load_cam_dict(pred_path)
             _check_cam_keys(cams, num_labels - 1, pred_path)
-            score = bg_threshold
-            if isinstance(bg_threshold, BackgroundRule):
-                score = bg_threshold(np.stack([cams[k] for k in sorted(cams)]) if cams else [])
+            score = bg_threshold.score_cam_dict(cams) if is_rule else bg_threshold
             pred = cam_dict_to_label(cams, score, size=gt.shape)
         if strict:
             _check_values(gt, num_labels, gt_path, "mask")
@@ -155,9 +154,7 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, ids:
 
     conf = _run_parallel(one, ids, workers, desc)
     result = scores(conf, class_names, num_images=len(ids))
-    result["bg_threshold"] = (bg_threshold.method if isinstance(bg_threshold, BackgroundRule)
-                              and bg_threshold.method != "fixed" else
-                              getattr(bg_threshold, "threshold", bg_threshold))
+    result["bg_threshold"] = bg_threshold.report_value if is_rule else bg_threshold
     result["confusion"] = conf.tolist()
     return result
 

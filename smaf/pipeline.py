@@ -97,7 +97,8 @@ def run_pipeline(cfg, denoise_variants=None, figure_rows: int = 4, log=print) ->
             gen_list, eval_list = lists[split]
             with_crf = denoise == default_denoise
             stage3 = derive(stage2, pseudo_masks__out_subdir=f"pseudo_masks_{name}_{split}",
-                            pseudo_masks__list=gen_list, pseudo_masks__eval_list=eval_list, pseudo_masks__crf=with_crf, crf__eval_list=eval_list)
+                            pseudo_masks__list=gen_list, pseudo_masks__eval_list=eval_list,
+                            pseudo_masks__crf=with_crf, crf__eval_list=eval_list)
             result = timed(f"stage 3: pseudo masks{' + CRF' if with_crf else ''} ({name}, {split})", gen_pm.run,
                            stage3)
             record(split, f"self-trained ({name.replace('_', ' ')})", result, stage3.pseudo_masks.out_subdir)

@@ -156,11 +156,11 @@ def background_score_stats(npy_dir: Path, ids: list, bg_rule: BackgroundRule) ->
     scores their PNGs were made with): ``{method, median, p10, p90, fallback_images}``."""
     from ..io import load_cam_dict
 
+    # Recomputed from the saved maps rather than collected during generation: images finished in an earlier,
+    # interrupted run are covered too (Otsu is deterministic, so these are the scores the PNGs used).
     scores, fallback = [], 0
     for image_id in ids:
-        cams = load_cam_dict(npy_dir / f"{image_id}.npy")
-        maps = np.stack([cams[k] for k in sorted(cams)]) if cams else np.zeros((0, 1, 1), np.float32)
-        score = bg_rule(maps)
+        score = bg_rule.score_cam_dict(load_cam_dict(npy_dir / f"{image_id}.npy"))
         scores.append(score)
         fallback += int(bg_rule.method != "fixed" and score == bg_rule.threshold)
     p10, median, p90 = (float(v) for v in np.percentile(scores, [10, 50, 90])) if scores else (None,) * 3
@@ -187,7 +187,7 @@ def evaluate_outputs(cfg, layout, out_dir: Path, subfolder: str, eval_ids: list,
     result = evaluate_folder(out_dir / subfolder, layout.mask_dir, eval_ids,
                              ["background"] + layout.class_names, desc=f"eval {subfolder}")
     if bg_rule is not None:
-        result["bg_threshold"] = bg_rule.threshold if bg_rule.method == "fixed" else bg_rule.method
+        result["bg_threshold"] = bg_rule.report_value
         if bg_rule.method != "fixed":
             stats = background_score_stats(out_dir / "cam_npy", eval_ids, bg_rule)
             result["bg_scores"] = stats
