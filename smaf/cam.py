@@ -172,8 +172,16 @@ class BackgroundRule:
             raise ValueError(f"bg_method={self.method!r}: expected one of {', '.join(BG_METHODS)}")
 
     @classmethod
-    def from_section(cls, sect, threshold_key: str = "bg_threshold") -> "BackgroundRule":
-        return cls(str(sect.get("bg_method", "fixed")), float(sect[threshold_key]))
+    def from_section(cls, sect, section: str) -> "BackgroundRule":
+        """The rule of config section ``section`` (its ``bg_method`` and ``bg_threshold``); a bad method is a
+        :class:`~smaf.config.ConfigError` naming the key."""
+        from .config import ConfigError
+
+        method = str(sect.get("bg_method", "fixed"))
+        if method not in BG_METHODS:
+            raise ConfigError(f"{section}.bg_method={method!r}: expected one of {', '.join(BG_METHODS)} (fix the "
+                              f"config or override it, e.g. {section}.bg_method=otsu)")
+        return cls(method, float(sect.bg_threshold))
 
     def __call__(self, maps) -> float:
         return background_score(maps, self.method, self.threshold)

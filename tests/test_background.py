@@ -65,6 +65,12 @@ def test_background_rule_fixed_otsu_and_bad_method():
     assert "Otsu" in str(otsu) and str(BackgroundRule("fixed", 0.2)) == "fixed 0.20"
     with pytest.raises(ValueError, match="bg_method='otsuu'.*fixed, otsu"):
         BackgroundRule("otsuu", 0.2)
+    from smaf.config import ConfigError, load_config
+
+    cfg = load_config("pets", ["pseudo_masks.bg_method=otsuu"])
+    assert BackgroundRule.from_section(cfg.fusion, "fusion") == BackgroundRule("otsu", 0.2)
+    with pytest.raises(ConfigError, match=r"pseudo_masks\.bg_method='otsuu'.*pseudo_masks\.bg_method=otsu"):
+        BackgroundRule.from_section(cfg.pseudo_masks, "pseudo_masks")
 
 
 def test_otsu_labels_an_over_spread_map_better_than_a_fixed_score():

@@ -203,13 +203,13 @@ def run(cfg) -> dict:
     per-image background scores (see :func:`background_score_stats`) or None}."""
     fus = cfg.fusion
     out_dir, logger, device, layout = prepare_output(cfg, fus.out_subdir, "gen_fusion")
+    bg_rule = BackgroundRule.from_section(fus, "fusion")   # a bad rule fails before the model is loaded
     ids = layout.read_list(pick(fus.list, cfg.data.train_list))
     eval_ids = layout.read_list(pick(fus.eval_list, cfg.data.infer_list))
     ckpt = pick(fus.checkpoint, str(Path(cfg.work_dir) / "train_cls" / "final.pth"))
     model, meta = load_model(ckpt, producer="stage 0 (bash script/train_cls.sh)", device=device)
     logger.info("model %s/%s from %s | %d images | scales %s flip %s", meta["backbone"], meta["head"], ckpt,
                 len(ids), list(fus.scales), fus.flip)
-    bg_rule = BackgroundRule.from_section(fus)
     logger.info("background score: %s", bg_rule)
     generate_fused_outputs(cfg, model, layout, ids, out_dir, device, logger, bg_rule, fus.overlays,
                            prototypes=True, desc="fusion")

@@ -25,11 +25,11 @@ def run(cfg) -> dict:
     'bg_scores' (as stage 1's)}."""
     sect = cfg.pseudo_masks
     out_dir, logger, device, layout = prepare_output(cfg, sect.out_subdir, "gen_pm")
+    bg_rule = BackgroundRule.from_section(sect, "pseudo_masks")   # a bad rule fails before the model is loaded
     ids = layout.read_list(pick(sect.list, cfg.data.train_list))
     eval_ids = layout.read_list(pick(sect.eval_list, cfg.data.infer_list))
     ckpt = pick(sect.checkpoint, str(Path(cfg.work_dir) / cfg.train_fusion.out_subdir / "final.pth"))
     model, meta = load_model(ckpt, producer="stage 2 (bash script/train_fusion.sh)", device=device)
-    bg_rule = BackgroundRule.from_section(sect)
     logger.info("pseudo masks with %s (%s/%s) on %d images, scales %s flip %s, background score %s", ckpt,
                 meta["backbone"], meta["head"], len(ids), list(cfg.fusion.scales), cfg.fusion.flip, bg_rule)
     generate_fused_outputs(cfg, model, layout, ids, out_dir, device, logger, bg_rule, sect.overlays,

@@ -67,8 +67,8 @@ def run(cfg):
 
     model = build_model(Config(model_cfg), layout.num_classes).to(device)
     meta = model_meta(model, cfg.model.backbone, cfg.model.output_stride)  # build_model enforces 8 for resnet38d
-    validator = Validator(cfg, layout, cfg.data.val_list, sect.val_max_images, BackgroundRule.from_section(cfg.fusion),
-                          device, logger)
+    validator = Validator(cfg, layout, cfg.data.val_list, sect.val_max_images,
+                          BackgroundRule.from_section(cfg.fusion, "fusion"), device, logger)
     logger.info("stage 0: %s loss, %s backbone (%s head), %d classes", sect.loss, cfg.model.backbone, head,
                 layout.num_classes)
     step = make_step(sect.loss, layout.num_classes, sect.tau, sect.lam, device)

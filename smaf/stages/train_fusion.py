@@ -188,7 +188,7 @@ def run(cfg):
 
     # the student is validated like stage 3 will use it: single-scale here, with stage 3's background rule
     validator = Validator(cfg, layout, cfg.data.val_list, sect.val_max_images,
-                          BackgroundRule.from_section(cfg.pseudo_masks), device, logger)
+                          BackgroundRule.from_section(cfg.pseudo_masks, "pseudo_masks"), device, logger)
     logger.info("stage 2: %d images, fused maps from %s, denoise %s, target %dx%d, target background score %.2f",
                 len(ids), fusion_dir, sect.denoise, target_size, target_size, sect.bg_score)
     return train_loop(cfg, sect, out_dir, logger, device, student, dataset, step, meta,
