@@ -3,10 +3,11 @@
 One run measures, on the same model and the same images:
 
 a. fused-map generation (stages 1 and 3): OUR path, :func:`smaf.stages.gen_fusion.generate_fused_outputs`
-   (an inference copy with conv+BN pairs folded (:mod:`smaf.models.fold`), DataLoader workers decode and
-   resize, :func:`smaf.cam.fuse_image` runs original + flip as one batch and post-processes on the device, a
-   background writer saves the files; on a CPU with a loader worker per core the workers also fuse, one
-   thread each), against a per-image BASELINE written
+   (an inference copy with conv+BN pairs folded and, on a CPU, the 1x1 convs fused with their activation
+   (:mod:`smaf.models.fold`), DataLoader workers decode and resize, :func:`smaf.cam.fuse_image` runs
+   original + flip as one batch on a GPU (two batch-1 passes on a CPU, faster there) and post-processes on
+   the device, a background writer saves the files; on a CPU with a loader worker per core the workers also
+   fuse, one thread each), against a per-image BASELINE written
    here after the reference's loop: batch 1, one forward per scale and flip (8 for 4 scales), each output
    copied to the CPU, softmax / bilinear upsampling (cv2, per class) / un-flip / sum / normalisation / argmax
    in NumPy, images decoded and resized in the main process, files written synchronously. Both write the

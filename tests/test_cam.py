@@ -63,9 +63,10 @@ def numpy_fused(model, image, labels, scales=SCALES, flip=True):
     return total
 
 
+@pytest.mark.parametrize("flip_in_batch", [None, True])   # CPU default: a second pass; True: the GPU's batch
 @pytest.mark.parametrize("head", ["smaf", "cls"])
 @pytest.mark.parametrize("size", [(37, 53), (64, 64), (81, 45)])
-def test_fused_maps_equal_numpy_reference(head, size):
+def test_fused_maps_equal_numpy_reference(head, size, flip_in_batch):
     rng = np.random.default_rng(size[0])
     image = rng.integers(0, 255, (*size, 3), dtype=np.uint8)
     image = cv2.GaussianBlur(image, (5, 5), 2)
@@ -73,7 +74,7 @@ def test_fused_maps_equal_numpy_reference(head, size):
     model = tiny_model(head)
     scaled = [torch.from_numpy(normalize(resize_image(image, (round(size[0] * s), round(size[1] * s)))))
               for s in SCALES]
-    result = fuse_image(model, scaled, torch.from_numpy(labels), size, flip=True)
+    result = fuse_image(model, scaled, torch.from_numpy(labels), size, flip=True, flip_in_batch=flip_in_batch)
     expected = numpy_fused(model, image, labels)
     assert result.classes == [0, 2, 4]
     np.testing.assert_allclose(result.maps.numpy(), expected[[0, 2, 4]], atol=1e-5)

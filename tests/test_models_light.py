@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from smaf.io import load_image
+from smaf.models.fold import onednn_pointwise_available
 from smaf.models import BACKBONES, CAMNet, build_backbone, build_model
 from smaf.models import efficientnet_lite
 from smaf.models.efficientnet_lite import (
@@ -267,23 +268,72 @@ def test_efficientnet_lite0_imagenet_predictions_on_pets(pets_root):
     assert correct >= 27, f"only {correct}/30 photos have the right animal in the top 5"
 
 
-def test_folded_inference_copy_gives_the_same_maps_and_leaves_the_model_alone():
-    from smaf.models.fold import fold_batchnorm
-
+def _model_with_random_bn_statistics():
+    """An EfficientNet-Lite0 CAMNet (OS 8, random init) whose BNs have random statistics and affine terms."""
     torch.manual_seed(0)
     model = CAMNet(EfficientNetLite0(output_stride=8, pretrained=False), 3, head="smaf").eval()
-    for m in model.modules():   # non-trivial BN statistics, or folding would be a no-op check
+    for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.2, 0.2)
+    return model
+
+
+def test_folded_inference_copy_gives_the_same_maps_and_leaves_the_model_alone():
+    from smaf.models.fold import fold_batchnorm
+
+    model = _model_with_random_bn_statistics()   # non-trivial BN statistics, or folding would check nothing
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {k: p.requires_grad for k, p in model.named_parameters()}
     folded, count = fold_batchnorm(model)
     assert count == 1 + 2 + sum(1 + (b.expand_conv is not None) + 1 for s in model.backbone.stages for b in s)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
-    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == count   # original untouched
+    # the original is untouched (modules, values, requires_grad); what folding does not change is shared
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == count
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert grads == {k: p.requires_grad for k, p in model.named_parameters()}
+    assert folded.classifier.weight is model.classifier.weight
+    assert folded.backbone.head_conv.weight is not model.backbone.head_conv.weight
     x = torch.randn(2, 3, 72, 88)
     with torch.no_grad():
         ref, out = model(x), folded(x)
     for a, b in zip(ref, out):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+
+
+@pytest.mark.skipif(not onednn_pointwise_available(), reason="this torch build has no oneDNN fused convolution op")
+def test_cpu_inference_copy_fuses_1x1_convs_with_their_activation():
+    """On a CPU every 1x1 conv (expansions, projections, head, feature conv) runs with its activation as one
+    oneDNN primitive; the maps are those of the model, in float32 (one and two threads) and under bf16 autocast
+    and autograd (where the module falls back to conv + activation)."""
+    from smaf.models.fold import OneDNNPointwiseConv, inference_copy
+
+    model = _model_with_random_bn_statistics()
+    copy_, note = inference_copy(model, torch.device("cpu"))
+    blocks = [b for s in model.backbone.stages for b in s]
+    expected = sum(b.expand_conv is not None for b in blocks) + len(blocks) + 2   # + head_conv, feature_conv
+    fused = [m for m in copy_.modules() if isinstance(m, OneDNNPointwiseConv)]
+    assert len(fused) == expected and f"{expected} 1x1 convs fused" in note
+    assert sum(m.post_op == "hardtanh" for m in fused) == sum(b.expand_conv is not None for b in blocks) + 1
+    assert sum(m.post_op == "relu" for m in fused) == 1 and isinstance(copy_.feature_relu, torch.nn.Identity)
+    assert not any(isinstance(m, OneDNNPointwiseConv) for m in model.modules())   # the model is untouched
+    x = torch.randn(1, 3, 72, 88)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                ref, out = model(x), copy_(x)
+            for a, b in zip(ref, out):
+                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+    finally:
+        torch.set_num_threads(threads)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):   # falls back: bf16 inputs
+        cam_bf16 = copy_(x)[1].float()
+    assert (cam_bf16 - ref[1]).abs().max() < 0.1 * float(ref[1].abs().max())
+    grad_cam = copy_(x)[1]                  # autograd on: the plain path, same values
+    torch.testing.assert_close(grad_cam, ref[1], rtol=1e-4, atol=1e-4 * float(ref[1].abs().max()))
+    on_cuda_device, _ = inference_copy(model, torch.device("cuda"))   # never fused for another device
+    assert not any(isinstance(m, OneDNNPointwiseConv) for m in on_cuda_device.modules())

@@ -47,7 +47,7 @@ class CAMNet(nn.Module):
     Attributes: ``num_classes`` (C), ``has_background`` (bool), ``num_outputs`` (K = C+1 or C), ``feat_dim``.
     """
 
-    CONV_BN_PAIRS = (("feature_conv", "feature_bn"),)   # folded for inference by smaf.models.fold
+    CONV_BN_ACT = (("feature_conv", "feature_bn", "feature_relu"),)   # for smaf.models.fold
 
     def __init__(self, backbone: nn.Module, num_classes: int, head: str = "smaf", feat_dim: int = 128):
         super().__init__()

@@ -29,7 +29,7 @@ from ..cam import BackgroundRule, class_feature_means, fuse_image, label_from_ma
 from ..checkpoint import load_model
 from ..data.voc import InferenceDataset, collate_single
 from ..io import AsyncWriter, atomic_save, save_cam_dict, overlay, save_label_png, save_panel
-from ..models.fold import fold_batchnorm
+from ..models.fold import inference_copy
 from .common import available_cores, default_workers, pick, prepare_output
 
 
@@ -61,10 +61,9 @@ def generate_fused_outputs(cfg, model, layout, ids: list, out_dir: Path, device,
 
     Returns the number of images processed (skipped finished ones excluded)."""
     fus = cfg.fusion
-    model.eval()
-    model, folded = fold_batchnorm(model)   # an inference copy: the same maps, fewer passes over activations
-    if folded:
-        logger.info("inference copy of the model with %d conv+BN pairs folded", folded)
+    model, note = inference_copy(model, device)   # the same maps, fewer passes over activations
+    if note:
+        logger.info("%s", note)
     if fus.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     overlay_ids = set(ids[:num_overlays])
@@ -77,10 +76,10 @@ def generate_fused_outputs(cfg, model, layout, ids: list, out_dir: Path, device,
     for sub in ("cam_npy", "cam_png") + (("proto_stats",) if prototypes else ()):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
     dataset = InferenceDataset(layout, todo, scales=fus.scales, base_long=fus.base_long)
-    workers = default_workers(cfg.num_workers)
+    workers = min(default_workers(cfg.num_workers), len(todo))   # no worker without an image to load
     fuse = _SampleFuser(model, fus, cfg.amp, bg_rule, layout.num_classes, prototypes, overlay_ids)
-    # (not for fewer images than workers: one single-threaded worker would then leave cores idle)
-    on_workers = device.type == "cpu" and workers >= 2 and workers >= available_cores() and len(todo) >= workers
+    # (not with fewer images than cores: single-threaded workers would then leave cores idle)
+    on_workers = device.type == "cpu" and workers >= 2 and workers >= available_cores()
     if on_workers:
         # CPU, a loader worker per core: each worker decodes AND fuses whole images with one thread (forked
         # workers must stay single-threaded: OpenMP is not fork-safe). Small CAM ops scale poorly over
