@@ -156,6 +156,17 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
             from None
 
 
+def image_area(path: str | os.PathLike) -> int:
+    """Pixels of the image at ``path`` from its header alone (no decoding); 0 when it cannot be read (the
+    caller's decoder then reports the problem)."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+        return width * height
+    except (OSError, ValueError):
+        return 0
+
+
 def save_image(path: str | os.PathLike, image: np.ndarray) -> Path:
     """Write an RGB uint8 image (PNG or JPEG by suffix), atomically."""
     img = Image.fromarray(np.asarray(image, dtype=np.uint8))

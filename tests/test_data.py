@@ -309,6 +309,16 @@ def test_load_image_corrupt_and_missing(tmp_path):
         load_image(tmp_path / "missing.jpg")
 
 
+def test_image_area_reads_the_header(tmp_path):
+    from smaf.io import image_area
+
+    path = tmp_path / "wide.jpg"
+    Image.fromarray(np.zeros((30, 70, 3), np.uint8)).save(path)
+    assert image_area(path) == 30 * 70 == load_image(path).shape[0] * load_image(path).shape[1]
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    assert image_area(tmp_path / "broken.jpg") == 0 and image_area(tmp_path / "missing.jpg") == 0
+
+
 # -------------------------------------------------------------------------------- real Pet subset
 def test_pets_layout(pets_root):
     layout = VOCLayout(pets_root)

@@ -5,6 +5,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from smaf.checkpoint import load_model, read_checkpoint
 from smaf.config import load_config
@@ -204,6 +205,31 @@ def test_crf_improves_a_noisy_two_region_labelling():
     assert (refined == truth).mean() > (noisy == truth).mean() + 0.15
     assert (refined == truth).mean() > 0.97   # the rectangle keeps its shape
     assert set(np.unique(refined)) <= {0, 3}
+
+
+def test_crf_pool_writes_what_one_worker_writes(tiny_voc, tmp_path):
+    """The pool (largest images first, out of order) gives every image exactly the single-worker result."""
+    from smaf.data.voc import VOCLayout
+    from smaf.io import image_area, load_label_png
+
+    layout = VOCLayout(tiny_voc)
+    ids = layout.read_list(tiny_voc / "ImageSets" / "Segmentation" / "train.txt")
+    assert len({image_area(layout.image_path(i)) for i in ids}) > 3   # sizes differ, so the order matters
+    rng = np.random.default_rng(0)
+    noisy = tmp_path / "noisy"
+    noisy.mkdir()
+    for i in ids:   # the true masks with 20% of the pixels set to background
+        mask = layout.load_mask(i).copy()
+        mask[(rng.random(mask.shape) < 0.2) & (mask != 255)] = 0
+        mask[mask == 255] = 0
+        Image.fromarray(mask).save(noisy / f"{i}.png")
+    params = CRFParams()
+    assert crf_stage.refine_folder(layout, noisy, tmp_path / "one", ids, params, 1) == len(ids)
+    assert crf_stage.refine_folder(layout, noisy, tmp_path / "pool", ids, params, 2) == len(ids)
+    for i in ids:
+        np.testing.assert_array_equal(load_label_png(tmp_path / "pool" / f"{i}.png"),
+                                      load_label_png(tmp_path / "one" / f"{i}.png"))
+    assert crf_stage.refine_folder(layout, noisy, tmp_path / "pool", ids, params, 2) == 0   # finished: skipped
 
 
 def test_pipeline_runner_measures_every_stage(tiny_voc, tmp_path):

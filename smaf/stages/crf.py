@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .. import dist
 from ..crf import CRFParams, crf_refine_labels
-from ..io import load_image, load_label_png, overlay, save_label_png, save_panel
+from ..io import image_area, load_image, load_label_png, overlay, save_label_png, save_panel
 from .common import StageError, available_cores, pick, prepare_output
 
 _WORKER: dict = {}
@@ -72,6 +72,9 @@ def refine_folder(layout, input_dir: Path, output_dir: Path, ids: list, params: 
             _refine_one(image_id)
             bar.update(1)
     else:
+        # Largest images first (a CRF's cost grows with the pixels): the last images handed out are then the
+        # small ones, so no worker is left finishing a large image alone while the others idle.
+        todo.sort(key=lambda i: image_area(state["image_paths"][i]), reverse=True)
         return_free_heap_to_os()   # a smaller parent forks faster
         ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
         with ctx.Pool(workers, initializer=_init_worker, initargs=(state,)) as pool:
