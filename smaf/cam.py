@@ -96,8 +96,8 @@ def fuse_image(model, scaled: list, labels: torch.Tensor, out_size: tuple, flip:
     feature = None
     # On a GPU the flipped copy shares the original's batch (one launch sequence for both). On a CPU two
     # batch-1 passes are faster: every activation of a batch of 2 is twice as large, and those beyond glibc's
-    # 32 MB mmap limit come back as fresh, page-faulting memory at every op (EfficientNet-Lite0, scales 0.5-2 of
-    # 252x320, folded: one thread 1.91 s vs 2.45 s, two threads 1.00 s vs 1.21 s per image).
+    # 32 MB mmap limit come back as fresh, page-faulting memory at every op (EfficientNet-Lite0 folded, scales
+    # 0.5-2 of ~250x320 images: one thread 1.97 s vs 2.36 s per image, two threads 1.00 s vs 1.21 s).
     stack_flip = flip and (device.type != "cpu" if flip_in_batch is None else flip_in_batch)
     for i, x in enumerate(scaled):
         x = x.to(device, non_blocking=True)

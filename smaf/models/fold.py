@@ -11,7 +11,7 @@ On a CPU PyTorch sends a 1x1 convolution on one thread with a batch under 16 to 
 (its heuristic: faster than oneDNN single-threaded), and the activation after it is another pass over the
 output. On this project's AVX-512 CPU oneDNN is faster for every 1x1 conv of EfficientNet-Lite0, and it applies
 ReLU/ReLU6 as a post-op while the output is in cache: :class:`OneDNNPointwiseConv` (one thread, scales 0.5-2 of
-a 252x320 image x flip: 1.91 s -> 1.71 s per image; the same maps within float rounding).
+~250x320 images x flip: 1.97 s -> 1.76 s per image; the same maps within float rounding).
 
 Modules declare their triples with a class attribute ``CONV_BN_ACT = (("conv_attr", "bn_attr", "act_attr" or
 None), ...)`` (conv and BN may be None on an instance, e.g. a block without an expansion conv).
