@@ -117,3 +117,25 @@ def test_dropout2d_in_bottlenecks_active_only_in_train_mode(model):
     assert not torch.equal(train_a, train_b)
     assert torch.equal(eval_a, eval_b)
     assert tuple(eval_a.shape) == (1, 4096, 6, 5)
+
+
+def test_inference_copy_folds_the_mid_block_batchnorms(model):
+    """Each block's middle BN directly follows a conv (b6/b7 have two), so inference copies fold it; the input
+    BN of a block acts on the sum of branches and stays. The copy gives the same features."""
+    from smaf.models.fold import OneDNNPointwiseConv, inference_copy, onednn_pointwise_available
+    from smaf.models.resnet38d import BottleneckBlock, ResBlock
+
+    model.eval()
+    copy_, note = inference_copy(model, torch.device("cpu"))
+    blocks = [m for m in model.children() if isinstance(m, (ResBlock, BottleneckBlock))]
+    assert len(blocks) == 17
+    assert note.startswith(f"inference copy of the model: {len(blocks) + 2} conv+BN pairs folded")
+    kept = sum(isinstance(m, nn.BatchNorm2d) for m in copy_.modules())
+    assert kept == len(blocks) + 1   # bn_branch2a of every block + bn7
+    if onednn_pointwise_available():   # the bottlenecks' first 1x1 convs (stride 1) run with their ReLU
+        assert isinstance(copy_.b6.conv_branch2a, OneDNNPointwiseConv) and copy_.b6.conv_branch2a.post_op == "relu"
+        assert isinstance(copy_.b7.conv_branch2a, OneDNNPointwiseConv)
+    x = torch.randn(1, 3, 40, 48)
+    with torch.no_grad():
+        ref, out = model(x)["conv6"], copy_(x)["conv6"]
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))

@@ -40,6 +40,10 @@ class ResBlock(nn.Module):
     block's stride) applied to the BN-ReLU output. Input (B, in, H, W) -> output (B, out, ceil(H/s), ceil(W/s)).
     """
 
+    # the BN in the middle directly follows a conv, so inference copies fold it (smaf.models.fold); the input BN
+    # acts on the sum of the previous block's branches and cannot be folded
+    CONV_BN_ACT = (("conv_branch2a", "bn_branch2b1", "relu_2b1"),)
+
     def __init__(self, in_channels: int, mid_channels: int, out_channels: int, stride: int = 1,
                  first_dilation: int | None = None, dilation: int = 1):
         super().__init__()
@@ -50,6 +54,8 @@ class ResBlock(nn.Module):
         self.conv_branch2a = nn.Conv2d(in_channels, mid_channels, 3, stride, padding=first_dilation,
                                        dilation=first_dilation, bias=False)
         self.bn_branch2b1 = nn.BatchNorm2d(mid_channels, eps=BN_EPS)
+        # In place is safe: the BN output is a fresh tensor nothing else refers to.
+        self.relu_2b1 = nn.ReLU(inplace=True)
         self.conv_branch2b1 = nn.Conv2d(mid_channels, out_channels, 3, padding=dilation, dilation=dilation,
                                         bias=False)
         if not self.same_shape:
@@ -59,9 +65,7 @@ class ResBlock(nn.Module):
         """x (B, in, H, W) -> (block output (B, out, H', W'), BN-ReLU of x (B, in, H, W))."""
         x_bn_relu = F.relu(self.bn_branch2a(x))
         shortcut = x if self.same_shape else self.conv_branch1(x_bn_relu)
-        branch = self.conv_branch2a(x_bn_relu)
-        # In-place is safe here: the BN output is a fresh tensor nothing else refers to.
-        branch = F.relu(self.bn_branch2b1(branch), inplace=True)
+        branch = self.relu_2b1(self.bn_branch2b1(self.conv_branch2a(x_bn_relu)))
         branch = self.conv_branch2b1(branch)
         return shortcut + branch, x_bn_relu
 
@@ -74,6 +78,8 @@ class BottleneckBlock(nn.Module):
     -> BN-ReLU -> Dropout2d -> 1x1 (out); 1x1 projection shortcut ``conv_branch1`` on the BN-ReLU input when the
     shape changes. Input (B, in, H, W) -> (B, out, H, W) (stride 1)."""
 
+    CONV_BN_ACT = (("conv_branch2a", "bn_branch2b1", "relu_2b1"), ("conv_branch2b1", "bn_branch2b2", "relu_2b2"))
+
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1,
                  dropout: float = 0.0):
         super().__init__()
@@ -81,10 +87,12 @@ class BottleneckBlock(nn.Module):
         self.bn_branch2a = nn.BatchNorm2d(in_channels, eps=BN_EPS)
         self.conv_branch2a = nn.Conv2d(in_channels, out_channels // 4, 1, stride, bias=False)
         self.bn_branch2b1 = nn.BatchNorm2d(out_channels // 4, eps=BN_EPS)
+        self.relu_2b1 = nn.ReLU(inplace=True)
         self.dropout_2b1 = nn.Dropout2d(dropout)
         self.conv_branch2b1 = nn.Conv2d(out_channels // 4, out_channels // 2, 3, padding=dilation,
                                         dilation=dilation, bias=False)
         self.bn_branch2b2 = nn.BatchNorm2d(out_channels // 2, eps=BN_EPS)
+        self.relu_2b2 = nn.ReLU(inplace=True)
         self.dropout_2b2 = nn.Dropout2d(dropout)
         self.conv_branch2b2 = nn.Conv2d(out_channels // 2, out_channels, 1, bias=False)
         if not self.same_shape:
@@ -95,9 +103,9 @@ class BottleneckBlock(nn.Module):
         x_bn_relu = F.relu(self.bn_branch2a(x))
         shortcut = x if self.same_shape else self.conv_branch1(x_bn_relu)
         branch = self.conv_branch2a(x_bn_relu)
-        branch = self.dropout_2b1(F.relu(self.bn_branch2b1(branch), inplace=True))
+        branch = self.dropout_2b1(self.relu_2b1(self.bn_branch2b1(branch)))
         branch = self.conv_branch2b1(branch)
-        branch = self.dropout_2b2(F.relu(self.bn_branch2b2(branch), inplace=True))
+        branch = self.dropout_2b2(self.relu_2b2(self.bn_branch2b2(branch)))
         branch = self.conv_branch2b2(branch)
         return shortcut + branch, x_bn_relu
 

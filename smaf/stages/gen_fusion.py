@@ -65,6 +65,7 @@ def generate_fused_outputs(cfg, model, layout, ids: list, out_dir: Path, device,
     if note:
         logger.info("%s", note)
     if fus.channels_last and device.type == "cuda":
+        # (weights the copy shares with the caller's model change layout in place: same values)
         model = model.to(memory_format=torch.channels_last)
     overlay_ids = set(ids[:num_overlays])
     mine = dist.shard(ids)
