@@ -56,7 +56,8 @@ def return_free_heap_to_os() -> None:
 def refine_folder(layout, input_dir: Path, output_dir: Path, ids: list, params: CRFParams, workers: int,
                   overlay_ids=(), desc: str = "crf") -> int:
     """CRF-refine ``input_dir/<id>.png`` for ``ids`` into ``output_dir`` with a pool of ``workers``
-    processes (1 = in this process). Returns the number of images refined (finished ones are skipped)."""
+    processes (1 = in this process; a pool takes the largest images first). Returns the number of images
+    refined (finished ones are skipped)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     todo = [i for i in ids if not (output_dir / f"{i}.png").is_file()]
     if not todo:
