@@ -94,10 +94,6 @@ def pets_root() -> Path:
     return Path(os.environ["PETS_ROOT"]) if os.environ.get("PETS_ROOT") else shared_root() / "data" / "pets"
 
 
-def num_cores() -> int:
-    return available_cores()
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -445,7 +441,7 @@ def bench_crf(layout, ids: list, mask_dir: Path, args, scratch: Path, mask_sourc
     from .crf import CRFParams
     from .stages.crf import refine_folder
 
-    cores = num_cores()
+    cores = available_cores()
     pool = args.crf_workers or cores
     params = CRFParams()
     refine_folder(layout, mask_dir, scratch / "crf_warm", ids[:1], params, 1, desc="bench: crf warm-up")
@@ -579,7 +575,7 @@ def bench_training(backbone: str, stage: int, layout, ids: list, crop: int, batc
 # ------------------------------------------------------------------------------------------- output
 def environment(device: torch.device) -> dict:
     env = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-           "torch_threads": torch.get_num_threads(), "cv2_threads": cv2.getNumThreads(), "cores": num_cores(),
+           "torch_threads": torch.get_num_threads(), "cv2_threads": cv2.getNumThreads(), "cores": available_cores(),
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(OpenMP default)"),
            "cpu": platform.processor() or platform.machine(), "load_average": load_average()}
     if device.type == "cuda":

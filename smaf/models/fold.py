@@ -31,16 +31,21 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 _ONEDNN_ACTIVATIONS = {nn.ReLU6: ("hardtanh", [0.0, 6.0]), nn.ReLU: ("relu", [])}
 
 
+def _declared(model: nn.Module):
+    """Yield (module, conv attribute, bn attribute, activation attribute or None, conv, bn) for every triple the
+    modules of ``model`` declare in ``CONV_BN_ACT`` (conv / bn None where the instance lacks them)."""
+    for module in model.modules():
+        for conv_name, bn_name, act_name in getattr(module, "CONV_BN_ACT", ()):
+            yield (module, conv_name, bn_name, act_name, getattr(module, conv_name, None),
+                   getattr(module, bn_name, None))
+
+
 def foldable_triples(model: nn.Module) -> list[tuple[nn.Module, str, str, str | None]]:
     """(module, conv attribute, bn attribute, activation attribute or None) of every declared conv -> BN pair
     that is present."""
-    found = []
-    for module in model.modules():
-        for conv_name, bn_name, act_name in getattr(module, "CONV_BN_ACT", ()):
-            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                found.append((module, conv_name, bn_name, act_name))
-    return found
+    return [(module, conv_name, bn_name, act_name)
+            for module, conv_name, bn_name, act_name, conv, bn in _declared(model)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)]
 
 
 def onednn_pointwise_available() -> bool:
@@ -86,8 +91,8 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
     untouched. Returns (model to use, number of folded pairs): ``model`` itself when nothing folds.
 
     The copy shares every parameter and buffer that folding does not replace (copying them would cost time
-    and memory: ResNet-38 folds only its head's pair but holds 420 MB of weights); folded convs get new
-    tensors. Use the copy under ``torch.no_grad()``: the shared parameters keep their ``requires_grad``."""
+    and memory: ResNet-38 holds 420 MB of weights, most of them in convs without a BN after them); folded
+    convs get new tensors. Use the copy under ``torch.no_grad()``: the shared parameters keep their ``requires_grad``."""
     if not foldable_triples(model):
         return model, 0
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
@@ -108,29 +113,26 @@ def fuse_pointwise_activations(folded: nn.Module) -> int:
     if not onednn_pointwise_available():
         return 0
     count = 0
-    for module in folded.modules():
-        for conv_name, bn_name, act_name in getattr(module, "CONV_BN_ACT", ()):
-            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
-            act = getattr(module, act_name) if act_name else None
-            if not (is_pointwise(conv) and isinstance(bn, nn.Identity)
-                    and (act is None or type(act) in _ONEDNN_ACTIVATIONS)):
-                continue
-            setattr(module, conv_name, OneDNNPointwiseConv(conv, act))
-            if act_name:
-                setattr(module, act_name, nn.Identity())
-            count += 1
+    for module, conv_name, _, act_name, conv, bn in list(_declared(folded)):   # (list: setattr below)
+        act = getattr(module, act_name) if act_name else None
+        if not (is_pointwise(conv) and isinstance(bn, nn.Identity)
+                and (act is None or type(act) in _ONEDNN_ACTIVATIONS)):
+            continue
+        setattr(module, conv_name, OneDNNPointwiseConv(conv, act))
+        if act_name:
+            setattr(module, act_name, nn.Identity())
+        count += 1
     return count
 
 
 def inference_copy(model: nn.Module, device: torch.device) -> tuple[nn.Module, str]:
     """The model to run inference with (eval mode, no gradients) and a line saying what was changed: BN folded
     (:func:`fold_batchnorm`) and, on a CPU, the 1x1 convs fused with their activation
-    (:func:`fuse_pointwise_activations`). ``model`` itself is never modified; it is returned (in eval mode)
-    when nothing applies."""
-    model.eval()
+    (:func:`fuse_pointwise_activations`). The copy never changes ``model``; when nothing folds, ``model``
+    itself is returned, switched to eval mode."""
     copy_, folded = fold_batchnorm(model)
     if not folded:
-        return model, ""
+        return model.eval(), ""
     fused = fuse_pointwise_activations(copy_) if torch.device(device).type == "cpu" else 0
     note = f"inference copy of the model: {folded} conv+BN pairs folded"
     if fused:
