@@ -56,6 +56,7 @@ def run(cfg):
     sect = cfg.train_cls
     head = resolve_head(cfg)
     out_dir, logger, device, layout = prepare_output(cfg, "train_cls", "train_cls")
+    val_rule = BackgroundRule.from_section(cfg.fusion, "fusion")   # a bad rule fails before the model is built
     set_seed(cfg.seed)
     ids = layout.read_list(cfg.data.train_list)
     transform = JointTrainTransform(sect.crop, sect.resize_long, flip=True, jitter=sect.jitter)
@@ -67,8 +68,7 @@ def run(cfg):
 
     model = build_model(Config(model_cfg), layout.num_classes).to(device)
     meta = model_meta(model, cfg.model.backbone, cfg.model.output_stride)  # build_model enforces 8 for resnet38d
-    validator = Validator(cfg, layout, cfg.data.val_list, sect.val_max_images,
-                          BackgroundRule.from_section(cfg.fusion, "fusion"), device, logger)
+    validator = Validator(cfg, layout, cfg.data.val_list, sect.val_max_images, val_rule, device, logger)
     logger.info("stage 0: %s loss, %s backbone (%s head), %d classes", sect.loss, cfg.model.backbone, head,
                 layout.num_classes)
     step = make_step(sect.loss, layout.num_classes, sect.tau, sect.lam, device)

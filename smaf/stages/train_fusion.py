@@ -156,6 +156,9 @@ def run(cfg):
     """Stage 2. Returns the path of ``final.pth`` (the student)."""
     sect = cfg.train_fusion
     out_dir, logger, device, layout = prepare_output(cfg, sect.out_subdir, "train_fusion")
+    # the student is validated like stage 3 will use it: single-scale here, with stage 3's background rule
+    # (read first: a bad rule fails before any model is loaded)
+    val_rule = BackgroundRule.from_section(cfg.pseudo_masks, "pseudo_masks")
     set_seed(cfg.seed)
     num_classes = layout.num_classes
     ids = layout.read_list(pick(sect.train_list, cfg.data.train_list))
@@ -186,9 +189,7 @@ def run(cfg):
     step, after_step = make_step(student, teacher, bank, num_classes, target_size, sect.bg_score, sect.loss_weight,
                                  sect.denoise, sect.ema, device)
 
-    # the student is validated like stage 3 will use it: single-scale here, with stage 3's background rule
-    validator = Validator(cfg, layout, cfg.data.val_list, sect.val_max_images,
-                          BackgroundRule.from_section(cfg.pseudo_masks, "pseudo_masks"), device, logger)
+    validator = Validator(cfg, layout, cfg.data.val_list, sect.val_max_images, val_rule, device, logger)
     logger.info("stage 2: %d images, fused maps from %s, denoise %s, target %dx%d, target background score %.2f",
                 len(ids), fusion_dir, sect.denoise, target_size, target_size, sect.bg_score)
     return train_loop(cfg, sect, out_dir, logger, device, student, dataset, step, meta,
