@@ -1,7 +1,9 @@
 """Checkpoints of this project: ``{'format': 'smaf', 'model': state_dict, 'meta': {...}, ...}``.
 
-``meta`` records how to rebuild the network (backbone, head, number of classes, output stride, feature
-size), so later stages load a checkpoint without repeating the model settings. Training checkpoints
+``meta`` is the model's architecture spec ``{'arch': registered name, 'args': constructor arguments}``
+(:mod:`smaf.models.registry`), so later stages rebuild any registered network without repeating the model
+settings. Checkpoints of earlier smaf versions hold the CAM network's fields directly (``backbone``, ``head``,
+``num_classes``, ``output_stride``, ``feat_dim``); :func:`architecture_spec` reads both. Training checkpoints
 add the optimiser, iteration, RNG states and stage extras (EMA teacher, prototypes) for exact resume.
 """
 from __future__ import annotations
@@ -13,24 +15,41 @@ from pathlib import Path
 import torch
 
 from .io import atomic_save
+from .runtime import SmafError
 
 FORMAT = "smaf"
 
 
-class CheckpointError(RuntimeError):
+_LEGACY_CAM_NET_KEYS = ("backbone", "head", "num_classes", "output_stride", "feat_dim")
+
+
+class CheckpointError(SmafError, RuntimeError):
     """A checkpoint is missing or unusable; the message names the file and the stage that writes it."""
 
 
-def model_meta(model, backbone: str, output_stride: int) -> dict:
-    """Rebuild information for a CAMNet."""
-    return {"backbone": backbone, "head": "smaf" if model.has_background else "cls",
-            "num_classes": model.num_classes, "output_stride": output_stride,
-            "feat_dim": getattr(model, "feat_dim", 128)}
+def architecture_spec(meta: dict) -> dict:
+    """``{'arch', 'args'}`` of a checkpoint's meta, also for checkpoints of earlier versions (CAM network
+    fields at the top level)."""
+    if "arch" in meta:
+        return {"arch": meta["arch"], "args": dict(meta.get("args", {}))}
+    return {"arch": "cam_net", "args": {k: meta[k] for k in _LEGACY_CAM_NET_KEYS}}
 
 
-def save_checkpoint(path: str | os.PathLike, model, meta: dict, **extra) -> Path:
-    """Atomically write ``{'format': 'smaf', 'model': state_dict, 'meta': meta, **extra}``."""
+def describe(meta: dict) -> str:
+    """One line for logs: ``cam_net(backbone=efficientnet_lite0, head=smaf, ...)``."""
+    spec = architecture_spec(meta)
+    return f"{spec['arch']}(" + ", ".join(f"{k}={v}" for k, v in spec["args"].items()) + ")"
+
+
+def save_checkpoint(path: str | os.PathLike, model, meta: dict | None = None, **extra) -> Path:
+    """Atomically write ``{'format': 'smaf', 'model': state_dict, 'meta': meta, **extra}``; ``meta`` defaults to
+    the model's ``arch_spec`` (set by :func:`smaf.models.registry.build_from_spec`)."""
     module = getattr(model, "module", model)
+    if meta is None:
+        meta = getattr(module, "arch_spec", None)
+        if meta is None:
+            raise ValueError("save_checkpoint: the model has no arch_spec (build it with smaf.models.build_model or "
+                             "build_from_spec), so pass meta explicitly")
     payload = {"format": FORMAT, "model": module.state_dict(), "meta": meta, **extra}
     return atomic_save(path, lambda tmp: torch.save(payload, tmp))
 
@@ -52,16 +71,15 @@ def read_checkpoint(path: str | os.PathLike, producer: str = "") -> dict:
 
 
 def load_model(path: str | os.PathLike, producer: str = "", device: str | torch.device = "cpu"):
-    """Rebuild the CAMNet stored in a smaf checkpoint and load its weights strictly. Returns (model, meta)."""
-    from .config import Config
-    from .models import build_model
+    """Rebuild the network stored in a smaf checkpoint (any registered architecture) and load its weights
+    strictly. Returns (model, architecture spec ``{'arch', 'args'}``)."""
+    from .models.registry import build_from_spec
 
     ckpt = read_checkpoint(path, producer)
-    meta = ckpt["meta"]
-    model = build_model(Config({"backbone": meta["backbone"], "pretrained": "", "output_stride": meta["output_stride"],
-                         "feat_dim": meta["feat_dim"], "head": meta["head"]}), meta["num_classes"])
+    spec = architecture_spec(ckpt["meta"])
+    model = build_from_spec(spec)
     model.load_state_dict(ckpt["model"], strict=True)
-    return model.to(device), meta
+    return model.to(device), spec
 
 
 _ITER_RE = re.compile(r"iter_(\d+)\.pth$")

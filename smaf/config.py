@@ -4,25 +4,60 @@ A config is a nested :class:`Config` (a dict with attribute access). Overrides a
 type of the value they replace, and a key that does not exist is an error listing the valid keys at
 that level, so a typo never silently becomes a new setting.
 
-Every path a stage writes derives from ``work_dir`` (see :func:`stage_dir`), and every stage saves the
+**Fragments.** A method brings its config defaults with it: a section key named after a fragment kind
+(:data:`FRAGMENT_KINDS`: ``method``, ``optimizer``) selects the YAML file
+``smaf/configs/<kind>s/[<section>/]<name>.yaml`` (:func:`fragment_dir`), whose keys become the section's ``<name>`` sub-section (for instance
+``train_cls.method: eps`` brings ``train_cls.eps.tau`` and ``train_cls.eps.lam``). A dataset config may set
+any fragment's keys; the resolved config keeps only the selected fragments, so ``voc12.yaml`` stays a list of
+the pipeline's own keys. :func:`derive` switches a selector on a loaded config and brings the new fragment.
+
+**Moved keys** (:data:`MOVED_KEYS`) still work in files and overrides; they are rewritten to their new place
+with a warning saying where the key lives now.
+
+Every path a stage writes derives from ``work_dir`` (see :mod:`smaf.run_layout`), and every stage saves the
 resolved config as ``config.yaml`` in its output folder (see :func:`save_config`).
 """
 from __future__ import annotations
 
 import copy
+import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import yaml
+
+from .runtime import SmafError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
 
-class ConfigError(ValueError):
+#: Section keys that select a config fragment: ``<section>.<kind>: <name>`` merges the fragment file
+#: ``<name>.yaml`` of :func:`fragment_dir` as ``<section>.<name>``.
+FRAGMENT_KINDS = ("method", "optimizer")
+
+#: Keys that moved, old dotted name -> new dotted name (old configs and commands keep working, with a warning).
+MOVED_KEYS = {
+    "train_cls.loss": "train_cls.method",
+    "train_cls.tau": "train_cls.eps.tau",
+    "train_cls.lam": "train_cls.eps.lam",
+    "train_cls.momentum": "train_cls.poly_sgd.momentum",
+    "train_fusion.momentum": "train_fusion.poly_sgd.momentum",
+    "fusion.scales": "inference.scales",
+    "fusion.flip": "inference.flip",
+    "fusion.base_long": "inference.base_long",
+    "fusion.channels_last": "inference.channels_last",
+    "fusion.bg_threshold": "inference.bg_threshold",
+    "fusion.bg_method": "inference.bg_method",
+    "pseudo_masks.bg_threshold": "inference.bg_threshold",
+    "pseudo_masks.bg_method": "inference.bg_method",
+}
+_LOG = logging.getLogger("smaf.config")
+
+
+class ConfigError(SmafError, ValueError):
     """A config file or override is wrong; the message says which key and what is valid."""
 
 
@@ -115,7 +150,8 @@ def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key.sub=value")
         dotted, text = item.split("=", 1)
-        parts = dotted.strip().split(".")
+        dotted = _moved(dotted.strip(), "override")
+        parts = dotted.split(".")
         node: Any = cfg
         for depth, part in enumerate(parts):
             where = ".".join(parts[:depth]) or "top level"
@@ -129,12 +165,102 @@ def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
     return cfg
 
 
+def _moved(dotted: str, where: str) -> str:
+    """The current name of a dotted key (itself unless it is in :data:`MOVED_KEYS`); warns when it moved."""
+    new = MOVED_KEYS.get(dotted)
+    if new is None:
+        return dotted
+    _LOG.warning("config key '%s' (%s) is now '%s'; using it there", dotted, where, new)
+    return new
+
+
+def _flatten(data: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _rewrite_moved(raw: Mapping, source: str) -> dict:
+    """``raw`` (a parsed YAML mapping) with moved keys rewritten to their new place."""
+    if not any(key in raw for key in {k.split(".")[0] for k in MOVED_KEYS}):
+        return dict(raw)
+    out: dict = {}
+    for dotted, value in _flatten(raw).items():
+        node = out
+        *path, last = _moved(dotted, source).split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out
+
+
+def fragment_dir(kind: str, section: str) -> Path:
+    """Where the fragments of ``kind`` for ``section`` live: ``smaf/configs/<kind>s/<section>/`` when that
+    folder exists (methods are per stage), else ``smaf/configs/<kind>s/`` (optimizers serve every stage)."""
+    per_section = CONFIG_DIR / f"{kind}s" / section
+    return per_section if per_section.is_dir() else CONFIG_DIR / f"{kind}s"
+
+
+def fragment_names(kind: str, section: str) -> list[str]:
+    """The fragments of ``kind`` available to ``section`` (e.g. every stage-0 method for ``train_cls``)."""
+    return sorted(p.stem for p in fragment_dir(kind, section).glob("*.yaml"))
+
+
+def read_fragment(kind: str, section: str, name: str) -> Config:
+    """The defaults of fragment ``name``; an unknown name is a ConfigError naming the key and the valid values."""
+    path = fragment_dir(kind, section) / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{section}.{kind}={name!r}: expected one of {', '.join(fragment_names(kind, section))}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    return Config(raw)
+
+
+def _selectors(cfg: Config):
+    """(section name, section, kind) for every fragment selector of ``cfg``."""
+    for name, section in cfg.items():
+        if isinstance(section, Config):
+            for kind in FRAGMENT_KINDS:
+                if kind in section:
+                    yield name, section, kind
+
+
+def _add_all_fragments(cfg: Config) -> None:
+    """Give every section with a fragment selector the sub-sections of all fragments of that kind, so that
+    configs built on it and overrides may set any of them (:func:`_drop_unselected` removes the others)."""
+    for name, section, kind in _selectors(cfg):
+        for fragment in fragment_names(kind, name):
+            section.setdefault(fragment, read_fragment(kind, name, fragment))
+
+
+def _drop_unselected(cfg: Config) -> None:
+    for name, section, kind in _selectors(cfg):
+        selected = str(section[kind])
+        read_fragment(kind, name, selected)   # an unknown name fails here, listing the valid ones
+        for fragment in fragment_names(kind, name):
+            if fragment != selected:
+                section.pop(fragment, None)
+
+
 def load_config(name_or_path: str | os.PathLike = "voc12", overrides: Iterable[str] = ()) -> Config:
     """Load a YAML config (packaged name or path) and apply overrides.
 
     A config may name ``base: other`` to start from another config (packaged name or path relative to
-    it); its own keys then override the base's, and it may only use keys the base has.
+    it); its own keys then override the base's, and it may only use keys the base has (or those of the
+    fragments its selectors can choose). The resolved config holds the selected fragments only.
     """
+    cfg = _load_chain(name_or_path)
+    cfg = apply_overrides(cfg, overrides)
+    _drop_unselected(cfg)
+    return cfg
+
+
+def _load_chain(name_or_path: str | os.PathLike) -> Config:
     path = resolve_config_path(name_or_path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -142,15 +268,16 @@ def load_config(name_or_path: str | os.PathLike = "voc12", overrides: Iterable[s
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    raw = dict(raw)
     base_name = raw.pop("base", None)
+    raw = _rewrite_moved(raw, str(path))
     if base_name:
         base_path = path.parent / f"{base_name}"
-        base = load_config(base_path if base_path.is_file() else base_name)
-        _merge_into(base, raw, str(path))
-        cfg = base
-    else:
-        cfg = Config(raw)
-    cfg = apply_overrides(cfg, overrides)
+        cfg = _load_chain(base_path if base_path.is_file() else base_name)
+        _merge_into(cfg, raw, str(path))
+        return cfg
+    cfg = Config(raw)
+    _add_all_fragments(cfg)
     return cfg
 
 
@@ -166,11 +293,23 @@ def _merge_into(base: Config, update: Mapping, source: str, prefix: str = "") ->
             base[key] = Config(value) if isinstance(value, Mapping) else value
 
 
-def stage_dir(cfg: Config, stage: str) -> Path:
-    """Output folder of ``stage`` for this run: ``<work_dir>/<stage>`` (created)."""
-    path = Path(cfg.work_dir) / stage
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def derive(cfg: Config, **changes) -> Config:
+    """A deep copy of ``cfg`` with ``section__key=value`` changes (keys must exist). Setting a fragment
+    selector (``train_cls__method="eps"``) brings that fragment's defaults and drops the previous one's."""
+    new = copy.deepcopy(cfg)
+    for dotted, value in changes.items():
+        *path, last = dotted.split("__")
+        node = new
+        for part in path:
+            node = node[part]
+        if last not in node:
+            raise ConfigError(f"unknown config key '{'.'.join(path + [last])}'")
+        if last in FRAGMENT_KINDS and node[last] != value:
+            fragment = read_fragment(last, path[-1] if path else "", str(value))
+            node.pop(str(node[last]), None)
+            node.setdefault(str(value), fragment)
+        node[last] = value
+    return new
 
 
 def config_changes(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
@@ -194,11 +333,8 @@ def save_config(cfg: Config, out_dir: str | os.PathLike) -> Path:
     return out
 
 
-def parse_cli(argv: list[str] | None = None, description: str = "", default_config: str = "voc12"):
-    """Parse ``--config NAME_OR_PATH key=value ...`` into a Config.
-
-    Returns the Config. Config errors exit with one line (no traceback).
-    """
+def parse_cli(argv: list[str] | None = None, description: str = "", default_config: str = "voc12") -> Config:
+    """Parse ``--config NAME_OR_PATH key=value ...`` into a Config (a bad config raises :class:`ConfigError`)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=description)
@@ -206,7 +342,4 @@ def parse_cli(argv: list[str] | None = None, description: str = "", default_conf
                         help="packaged config name (voc12, demo, pets) or a YAML path")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train_cls.iterations=100")
     args = parser.parse_args(argv)
-    try:
-        return load_config(args.config, args.overrides)
-    except ConfigError as err:
-        sys.exit(f"error: {err}")
+    return load_config(args.config, args.overrides)

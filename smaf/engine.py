@@ -1,12 +1,20 @@
-"""The explicit training loop shared by stage 0 and stage 2 (detectron2-style: everything visible here).
+"""The explicit, task-neutral training loop of every training stage (detectron2-style: everything visible here).
 
-It owns: the poly SGD optimiser, AMP (CUDA), DDP under torchrun, deterministic resumable batches
+It owns: AMP (CUDA; bf16 on CPU), DDP under torchrun, deterministic resumable batches
 (:class:`~smaf.data.sampler.IterationBatchSampler`), checkpoints with model + optimiser + scaler + RNG
-states + stage extras, ``resume=auto``, a guard against non-finite losses, periodic validation mIoU,
-a progress bar, a readable log and ``metrics.jsonl``.
+states + stage extras, ``resume=auto``, a guard against non-finite losses, periodic validation, a progress
+bar, a readable log and ``metrics.jsonl``.
 
-A stage supplies ``step_fn(model, batch, iteration) -> (loss, {name: float})`` and optional extras
-(objects with ``state_dict``/``load_state_dict``, e.g. the EMA teacher) and ``after_step(iteration)``.
+A stage supplies what is its own:
+
+* ``step_fn(model, batch, iteration) -> (loss, {name: float})``: the forward pass and loss of its task;
+* ``make_optimizer(max_step) -> optimizer``: usually :func:`smaf.optim.build_optimizer` over the model's
+  parameter groups (the config's ``optimizer`` key picks poly SGD or AdamW with warm-up);
+* ``validator``: any callable ``model -> {metric: value}`` (e.g. :class:`smaf.cam.validate.CAMValidator`);
+* optional extras (objects with ``state_dict``/``load_state_dict``, e.g. the EMA teacher), ``after_step``.
+
+The model must carry an ``arch_spec`` (models built through :mod:`smaf.models.registry` do): it is what the
+checkpoints record, so a later stage rebuilds the network from the file alone.
 """
 from __future__ import annotations
 
@@ -21,12 +29,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import dist
-from .cam import autocast_context, fuse_image, label_from_maps
+from .amp import autocast_context
 from .checkpoint import latest_training_checkpoint, read_checkpoint, save_checkpoint
 from .data.sampler import IterationBatchSampler
-from .data.voc import InferenceDataset, collate_single, collate_train
-from .optim import build_poly_sgd
-from .stages.common import StageError, default_workers
+from .data.voc import collate_train
+from .run_layout import CHECKPOINTS, FINAL, METRICS_FILE
+from .runtime import StageError, default_workers
 
 KEEP_CHECKPOINTS = 2
 
@@ -51,50 +59,6 @@ def _format_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-class Validator:
-    """Single-scale CAM mIoU on a list with masks (background score per image from ``bg_rule``, a
-    :class:`smaf.cam.BackgroundRule`).
-
-    ``__call__(model) -> mIoU`` (percent) or None when the list has no masks (noted once in the log)."""
-
-    def __init__(self, cfg, layout, list_path: str, max_images: int, bg_rule, device, logger):
-        from .data.voc import DatasetError
-
-        self.layout, self.device, self.logger, self.bg_rule = layout, device, logger, bg_rule
-        self.workers = min(2, default_workers(cfg.num_workers))
-        self.amp, self.base_long = cfg.amp, cfg.fusion.base_long
-        try:
-            ids = layout.read_list(list_path) if list_path else []
-        except DatasetError as err:
-            logger.info("validation disabled: %s", err)
-            ids = []
-        if max_images and len(ids) > max_images:
-            ids = ids[:max_images]
-        self.ids = ids if ids and layout.has_masks(ids) else []
-        if ids and not self.ids:
-            logger.info("validation skipped: the validation list '%s' has no ground-truth masks", list_path)
-
-    @torch.no_grad()
-    def __call__(self, model) -> float | None:
-        from .metrics import confusion_matrix, scores
-
-        if not self.ids:
-            return None
-        was_training = model.training
-        model.eval()
-        conf = 0
-        dataset = InferenceDataset(self.layout, self.ids, scales=(1.0,), base_long=self.base_long)
-        loader = DataLoader(dataset, batch_size=1, num_workers=self.workers, collate_fn=collate_single,
-                            generator=torch.Generator())  # never consume the global RNG (exact resume)
-        for sample in loader:
-            result = fuse_image(model, sample["scaled"], sample["labels"], sample["image"].shape[:2], flip=False,
-                                amp=self.amp)
-            pred = label_from_maps(result, self.bg_rule(result.maps)).cpu().numpy()
-            conf = conf + confusion_matrix(pred, self.layout.load_mask(sample["id"]), self.layout.num_classes)
-        model.train(was_training)
-        return scores(conf, ["background"] + self.layout.class_names)["miou"]
-
-
 def optimisation_step(optimizer, scaler, loss, after_step, iteration: int) -> None:
     """Backward (through the AMP grad scaler), optimiser step, then ``after_step(iteration)`` if given."""
     optimizer.zero_grad(set_to_none=True)
@@ -105,31 +69,34 @@ def optimisation_step(optimizer, scaler, loss, after_step, iteration: int) -> No
         after_step(iteration)
 
 
-def train_loop(cfg, sect, out_dir: Path, logger, device: torch.device, model, dataset, step_fn, meta: dict,
-               extras: dict | None = None, after_step=None, validator: Validator | None = None,
-               final_extras=None) -> Path:
+def train_loop(cfg, sect, out_dir: Path, logger, device: torch.device, model, dataset, step_fn, make_optimizer,
+               validator=None, extras: dict | None = None, after_step=None, final_extras=None) -> Path:
     """Train ``model`` for ``sect.iterations`` iterations; returns the path of ``<out_dir>/final.pth``.
 
     Args:
-        sect: the stage's config section (batch_size, lr, weight_decay, momentum, iterations, ckpt_every,
-            val_every, log_every, resume).
+        cfg: the resolved config (``amp``, ``seed``, ``num_workers``).
+        sect: the stage's config section (batch_size, iterations, ckpt_every, val_every, log_every, resume).
+        model: the network (with ``arch_spec``), on ``device``; dataset: items for
+            :func:`~smaf.data.voc.collate_train`, keyed by ``(index, seed)``.
         step_fn: ``(model_or_ddp, batch, iteration) -> (loss tensor, logs dict)``.
-        meta: model rebuild info stored in every checkpoint (:func:`smaf.checkpoint.model_meta`).
+        make_optimizer: ``max_step -> optimizer`` (the optimiser's schedule runs over ``max_step`` steps).
+        validator: ``model -> {metric: value}`` ({} when there is nothing to validate), run every
+            ``sect.val_every`` iterations and at the end; None disables validation.
         extras: ``{name: object with state_dict/load_state_dict}`` saved in training checkpoints.
         after_step: ``f(iteration)`` called after each optimiser step (EMA updates...).
-        final_extras: ``f() -> {filename: (module, meta)}`` extra final files (e.g. the EMA teacher).
+        final_extras: ``f() -> {filename: module}`` extra final files (e.g. the EMA teacher), written
+            before ``final.pth`` (whose presence marks the stage finished).
     """
     extras = extras or {}
-    final_path = out_dir / "final.pth"
-    ckpt_dir = out_dir / "checkpoints"
+    final_path = out_dir / FINAL
+    ckpt_dir = out_dir / CHECKPOINTS
     resume = str(sect.resume)
     if final_path.is_file() and resume == "auto":
         logger.info("%s exists: training already finished (resume=none to train again)", final_path)
         return final_path
     world, rank = dist.world_size(), dist.rank()
     total = int(sect.iterations)
-    optimizer = build_poly_sgd(model.param_groups(), lr=sect.lr, weight_decay=sect.weight_decay,
-                               momentum=sect.momentum, max_step=total)
+    optimizer = make_optimizer(total)
     amp = cfg.amp if device.type == "cuda" else "none"
     if cfg.amp not in ("none", "", None) and device.type != "cuda":
         logger.info("amp=%s ignored on CPU: training in fp32", cfg.amp)
@@ -164,7 +131,7 @@ def train_loop(cfg, sect, out_dir: Path, logger, device: torch.device, model, da
     if rng_states is not None:
         _set_rng_state(rng_states[rank] if len(rng_states) == world else rng_states[0], device)
 
-    metrics_file = out_dir / "metrics.jsonl"
+    metrics_file = out_dir / METRICS_FILE
     logger.info("training %d -> %d iterations | global batch %d | %d images | %d loader workers | amp %s",
                 start, total, sect.batch_size, len(dataset), workers, amp)
     model.train()
@@ -199,7 +166,7 @@ def train_loop(cfg, sect, out_dir: Path, logger, device: torch.device, model, da
             with open(metrics_file, "a") as fh:
                 fh.write(json.dumps({"iteration": it, "lr": lr, **avg}) + "\n")
         if it % sect.ckpt_every == 0 and it < total:
-            _save_training_checkpoint(ckpt_dir, it, model, meta, optimizer, scaler, extras, device)
+            _save_training_checkpoint(ckpt_dir, it, model, optimizer, scaler, extras, device)
         if validator is not None and sect.val_every and it % sect.val_every == 0 and it < total:
             _validate(validator, model, it, logger, metrics_file)
     bar.close()
@@ -208,9 +175,9 @@ def train_loop(cfg, sect, out_dir: Path, logger, device: torch.device, model, da
     if validator is not None and sect.val_every and start < total:
         _validate(validator, model, total, logger, metrics_file)
     if dist.is_main():
-        save_checkpoint(final_path, model, meta, iteration=total)
-        for name, (module, module_meta) in (final_extras() if final_extras else {}).items():
-            save_checkpoint(out_dir / name, module, module_meta, iteration=total)
+        for name, module in (final_extras() if final_extras else {}).items():
+            save_checkpoint(out_dir / name, module, iteration=total)
+        save_checkpoint(final_path, model, iteration=total)
         logger.info("saved %s", final_path)
     dist.barrier()
     return final_path
@@ -218,25 +185,49 @@ def train_loop(cfg, sect, out_dir: Path, logger, device: torch.device, model, da
 
 def _validate(validator, model, it, logger, metrics_file):
     if dist.is_main():
-        miou = validator(model)
-        if miou is not None:
-            logger.info("iter %d: validation single-scale CAM mIoU %.2f (%d images)", it, miou, len(validator.ids))
+        metrics = validator(model) or {}
+        if metrics:
+            what = getattr(validator, "description", "")
+            logger.info("iter %d: validation %s%s", it, ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()),
+                        f" ({what})" if what else "")
             with open(metrics_file, "a") as fh:
-                fh.write(json.dumps({"iteration": it, "val_miou": miou}) + "\n")
+                fh.write(json.dumps({"iteration": it, **metrics}) + "\n")
     dist.barrier()
 
 
-def _save_training_checkpoint(ckpt_dir, it, model, meta, optimizer, scaler, extras, device):
+def _save_training_checkpoint(ckpt_dir, it, model, optimizer, scaler, extras, device):
     states = [None] * dist.world_size()
     if dist.is_distributed():
         torch.distributed.all_gather_object(states, _rng_state(device))
     else:
         states = [_rng_state(device)]
     if dist.is_main():
-        save_checkpoint(ckpt_dir / f"iter_{it:07d}.pth", model, meta, iteration=it,
+        save_checkpoint(ckpt_dir / f"iter_{it:07d}.pth", model, iteration=it,
                         optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                         extras={k: v.state_dict() for k, v in extras.items()}, rng=states)
         old = sorted(ckpt_dir.glob("iter_*.pth"))[:-KEEP_CHECKPOINTS]
         for p in old:
             p.unlink(missing_ok=True)
     dist.barrier()
+
+
+class ModuleState:
+    """Adapter so a module (an EMA teacher) is saved and restored with the training checkpoints (an extra)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def state_dict(self):
+        return self.module.state_dict()
+
+    def load_state_dict(self, state):
+        self.module.load_state_dict(state, strict=True)
+
+
+@torch.no_grad()
+def ema_update(teacher, student, decay: float) -> None:
+    """teacher params <- decay teacher + (1 - decay) student; buffers copied from the student."""
+    for pt, ps in zip(teacher.parameters(), student.parameters()):
+        pt.mul_(decay).add_(ps.detach(), alpha=1 - decay)
+    for bt, bs in zip(teacher.buffers(), student.buffers()):
+        bt.copy_(bs)

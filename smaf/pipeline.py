@@ -5,7 +5,7 @@ Runs stage 0 on the training list; stage 1 single-scale (the baseline) and multi
 and validation lists; stage 2 once per denoising setting; stage 3 on both lists for each setting, with the
 CRF step for the config's default setting. Prints one table of mIoU (train = pseudo-mask quality, val)
 with the config's background rule (a fixed score, or per-image Otsu: never tuned on ground truth; with
-Otsu the same maps are also scored at the fixed ``fusion.bg_threshold`` for comparison), the wall time of
+Otsu the same maps are also scored at the fixed ``inference.bg_threshold`` for comparison), the wall time of
 each stage, and writes ``summary.json``, ``summary.md`` and ``figure.jpg`` (image | GT | single-scale CAM |
 fused CAM | final mask for a few validation images) into ``work_dir``.
 
@@ -14,7 +14,6 @@ Every stage skips finished outputs, so re-running after an interruption continue
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import time
@@ -22,21 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ConfigError, load_config
-
-
-def derive(cfg, **changes):
-    """A deep copy of ``cfg`` with ``section__key=value`` changes (keys must exist)."""
-    new = copy.deepcopy(cfg)
-    for dotted, value in changes.items():
-        *path, last = dotted.split("__")
-        node = new
-        for part in path:
-            node = node[part]
-        if last not in node:
-            raise ConfigError(f"unknown config key '{'.'.join(path + [last])}'")
-        node[last] = value
-    return new
+from .config import derive, load_config
+from .run_layout import CAM_NPY, CAM_PNG, CRF_PNG
 
 
 def _variant_name(denoise: bool) -> str:
@@ -53,13 +39,13 @@ def run_pipeline(cfg, denoise_variants=None, figure_rows: int = 4, log=print) ->
     lists = {"train": (cfg.data.train_list, cfg.data.infer_list), "val": (cfg.data.val_list, cfg.data.val_list)}
     splits = tuple(lists)
     timings, miou = {}, {split: {} for split in splits}
-    npy_dirs = {split: {} for split in splits}    # column -> folder of its CAM dicts (fixed-score comparison)
+    folders = {split: {} for split in splits}     # column -> the stage folder it was measured from
     bg_scores = {split: {} for split in splits}   # column -> spread of the per-image background scores
     work = Path(cfg.work_dir)
 
-    def record(split, column, result, out_subdir):
+    def record(split, column, result):
         miou[split][column] = result["miou"]
-        npy_dirs[split][column] = work / out_subdir / "cam_npy"
+        folders[split][column] = Path(result["out_dir"])
         if result.get("bg_scores"):
             bg_scores[split][column] = result["bg_scores"]
 
@@ -81,14 +67,12 @@ def run_pipeline(cfg, denoise_variants=None, figure_rows: int = 4, log=print) ->
     timed("stage 0: train classifier", train_cls.run, cfg)
     for split in splits:
         gen_list, eval_list = lists[split]
-        single = derive(cfg, fusion__scales=[1.0], fusion__flip=False, fusion__out_subdir=f"fusion_single_{split}",
-                        fusion__list=gen_list, fusion__eval_list=eval_list)
-        record(split, "single-scale CAM", timed(f"stage 1 single-scale ({split})", gen_fusion.run, single),
-               single.fusion.out_subdir)
+        single = derive(cfg, inference__scales=[1.0], inference__flip=False,
+                        fusion__out_subdir=f"fusion_single_{split}", fusion__list=gen_list, fusion__eval_list=eval_list)
+        record(split, "single-scale CAM", timed(f"stage 1 single-scale ({split})", gen_fusion.run, single))
         multi = derive(cfg, fusion__out_subdir=cfg.fusion.out_subdir if split == "train" else f"fusion_{split}",
                        fusion__list=gen_list, fusion__eval_list=eval_list)
-        record(split, "fused multi-scale CAM", timed(f"stage 1 multi-scale ({split})", gen_fusion.run, multi),
-               multi.fusion.out_subdir)
+        record(split, "fused multi-scale CAM", timed(f"stage 1 multi-scale ({split})", gen_fusion.run, multi))
     for denoise in variants:
         name = _variant_name(denoise)
         stage2 = derive(cfg, train_fusion__denoise=denoise, train_fusion__out_subdir=f"train_fusion_{name}")
@@ -98,21 +82,23 @@ def run_pipeline(cfg, denoise_variants=None, figure_rows: int = 4, log=print) ->
             with_crf = denoise == default_denoise
             stage3 = derive(stage2, pseudo_masks__out_subdir=f"pseudo_masks_{name}_{split}",
                             pseudo_masks__list=gen_list, pseudo_masks__eval_list=eval_list,
-                            pseudo_masks__crf=with_crf, crf__eval_list=eval_list)
+                            pseudo_masks__crf=with_crf)
             result = timed(f"stage 3: pseudo masks{' + CRF' if with_crf else ''} ({name}, {split})", gen_pm.run,
                            stage3)
-            record(split, f"self-trained ({name.replace('_', ' ')})", result, stage3.pseudo_masks.out_subdir)
+            record(split, f"self-trained ({name.replace('_', ' ')})", result)
             if with_crf:
                 miou[split][f"self-trained ({name.replace('_', ' ')}) + CRF"] = result["miou_crf"]
     summary = {"config": cfg.get("config_name", ""), "work_dir": str(cfg.work_dir),
-               "backbone": cfg.model.backbone, "bg_method": cfg.fusion.bg_method,
-               "bg_method_stage3": cfg.pseudo_masks.bg_method, "bg_threshold": cfg.fusion.bg_threshold,
-               "bg_threshold_stage3": cfg.pseudo_masks.bg_threshold, "default_denoise": default_denoise,
+               "backbone": cfg.model.backbone, "bg_method": cfg.inference.bg_method,
+               "bg_threshold": cfg.inference.bg_threshold, "default_denoise": default_denoise,
                "miou": miou, "bg_scores": bg_scores, "timings_s": timings,
                "total_s": round(sum(timings.values()), 1)}
-    if "fixed" not in (cfg.fusion.bg_method, cfg.pseudo_masks.bg_method):
-        summary["miou_fixed"] = fixed_score_comparison(cfg, npy_dirs, float(cfg.fusion.bg_threshold), log)
-    summary["figure"] = str(make_figure(cfg, work, _variant_name(default_denoise), figure_rows))
+    if cfg.inference.bg_method != "fixed":
+        npy_dirs = {split: {c: d / CAM_NPY for c, d in cols.items()} for split, cols in folders.items()}
+        summary["miou_fixed"] = fixed_score_comparison(cfg, npy_dirs, float(cfg.inference.bg_threshold), log)
+    figure_split = "val" if folders["val"] else "train"
+    final_column = f"self-trained ({_variant_name(default_denoise).replace('_', ' ')})"
+    summary["figure"] = str(make_figure(cfg, work, folders[figure_split], final_column, figure_rows))
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     (work / "summary.md").write_text(format_summary(summary))
     return summary
@@ -141,8 +127,7 @@ def fixed_score_comparison(cfg, npy_dirs: dict, threshold: float, log=print) -> 
 
 
 def _bg_rule_line(summary: dict) -> str:
-    methods = {summary.get("bg_method", "fixed"), summary.get("bg_method_stage3", "fixed")}
-    if methods == {"fixed"}:
+    if summary.get("bg_method", "fixed") == "fixed":
         return (f"background threshold {summary['bg_threshold']:.2f} (fixed by the config, not tuned on ground "
                 f"truth)")
     spread = []
@@ -150,8 +135,8 @@ def _bg_rule_line(summary: dict) -> str:
         for column, s in columns.items():
             spread.append(f"{column} ({split}) {s['median']:.2f} [{s['p10']:.2f}-{s['p90']:.2f}]")
     return ("background threshold: per-image Otsu threshold of each image's own fused map (config "
-            "`bg_method: otsu`; no ground truth involved). Median [10th-90th percentile] of the thresholds used: "
-            + "; ".join(spread))
+            "`inference.bg_method: otsu`; no ground truth involved). Median [10th-90th percentile] of the "
+            "thresholds used: " + "; ".join(spread))
 
 
 def format_summary(summary: dict) -> str:
@@ -179,16 +164,15 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def make_figure(cfg, work: Path, variant: str, rows: int) -> Path:
-    """Grid of validation images: image | ground truth | single-scale CAM | fused CAM | final mask (+CRF)."""
+def make_figure(cfg, work: Path, folders: dict, final_column: str, rows: int) -> Path:
+    """Grid of images of one split: image | ground truth | single-scale CAM | fused CAM | final mask (+CRF).
+    ``folders``: column name -> stage folder (as :func:`run_pipeline` records them)."""
     from .data.voc import VOCLayout
     from .io import load_cam_dict, load_label_png, make_panel, overlay, save_image
 
     layout = VOCLayout.from_config(cfg)
-    split = "val" if (work / "fusion_single_val").is_dir() else "train"
-    fused_dir = work / (f"fusion_{split}" if split == "val" else cfg.fusion.out_subdir)
-    final_dir = work / f"pseudo_masks_{variant}_{split}"
-    final_sub = "crf_png" if (final_dir / "crf_png").is_dir() else "cam_png"
+    final_dir = folders[final_column]
+    final_sub = CRF_PNG if (final_dir / CRF_PNG).is_dir() else CAM_PNG
     ids = sorted(p.stem for p in (final_dir / final_sub).glob("*.png"))[:rows]
     strips = []
     for image_id in ids:
@@ -196,13 +180,13 @@ def make_figure(cfg, work: Path, variant: str, rows: int) -> Path:
         tiles = [image]
         gt_path = layout.mask_path(image_id)
         tiles.append(overlay(image, label=load_label_png(gt_path)) if gt_path and gt_path.is_file() else image)
-        for d in (work / f"fusion_single_{split}", fused_dir):
-            cams = load_cam_dict(d / "cam_npy" / f"{image_id}.npy")
+        for column in ("single-scale CAM", "fused multi-scale CAM"):
+            cams = load_cam_dict(folders[column] / CAM_NPY / f"{image_id}.npy")
             heat = np.max(np.stack(list(cams.values())), 0) if cams else np.zeros(image.shape[:2], np.float32)
             tiles.append(overlay(image, heat=heat))
         tiles.append(overlay(image, label=load_label_png(final_dir / final_sub / f"{image_id}.png")))
         strips.append(make_panel(tiles, ["image", "ground truth", "single-scale CAM", "fused CAM",
-                                         "final mask" + (" (CRF)" if final_sub == "crf_png" else "")]))
+                                         "final mask" + (" (CRF)" if final_sub == CRF_PNG else "")]))
     if not strips:
         return Path()
     width = max(s.shape[1] for s in strips)
@@ -218,9 +202,9 @@ def main(argv=None) -> None:
                         help="stage 2 with the config's denoise setting only, or with both settings (ablation)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     args = parser.parse_args(argv)
-    from .stages.common import exit_on_expected_errors
+    from .runtime import expected_errors
 
-    with exit_on_expected_errors():
+    with expected_errors():
         cfg = load_config(args.config, args.overrides)
         variants = [False, True] if args.denoise == "both" else None
         summary = run_pipeline(cfg, variants)

@@ -67,10 +67,10 @@ def test_background_rule_fixed_otsu_and_bad_method():
         BackgroundRule("otsuu", 0.2)
     from smaf.config import ConfigError, load_config
 
-    cfg = load_config("pets", ["pseudo_masks.bg_method=otsuu"])
-    assert BackgroundRule.from_section(cfg.fusion, "fusion") == BackgroundRule("otsu", 0.2)
-    with pytest.raises(ConfigError, match=r"pseudo_masks\.bg_method='otsuu'.*pseudo_masks\.bg_method=otsu"):
-        BackgroundRule.from_section(cfg.pseudo_masks, "pseudo_masks")
+    assert BackgroundRule.from_section(load_config("pets").inference, "inference") == BackgroundRule("otsu", 0.2)
+    cfg = load_config("pets", ["inference.bg_method=otsuu"])
+    with pytest.raises(ConfigError, match=r"inference\.bg_method='otsuu'.*inference\.bg_method=otsu"):
+        BackgroundRule.from_section(cfg.inference, "inference")
 
 
 def test_otsu_labels_an_over_spread_map_better_than_a_fixed_score():

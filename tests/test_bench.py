@@ -6,13 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from smaf import bench
-from smaf.cam import BackgroundRule, cpu_has_fast_bf16
+from smaf.amp import cpu_has_fast_bf16
+from smaf.bench import cli as bench_cli
+from smaf.bench.common import build_bench_model
+from smaf.bench.fusion import baseline_fused, baseline_label
+from smaf.cam import BackgroundRule
 
 
 def test_bench_sections_a_b_c_on_tiny_images(tiny_voc, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    code = bench.main(["--device", "cpu", "--data", str(tiny_voc), "--list",
+    code = bench_cli.main(["--device", "cpu", "--data", str(tiny_voc), "--list",
                        str(tiny_voc / "ImageSets/Segmentation/val.txt"), "--images", "3", "--repeats", "1",
                        "--sections", "a,b,c", "--backbones", "efficientnet_lite0", "--size", "0", "--crf-size", "0",
                        "--work-dir", str(tmp_path / "work"), "--out", str(out)])
@@ -80,17 +83,17 @@ def test_baseline_matches_the_fused_path_on_one_image():
     image = np.random.default_rng(0).integers(0, 255, (45, 61, 3), dtype=np.uint8)
     labels = np.array([1, 0, 0, 1], np.float32)
     scales = (0.5, 1.0, 1.5)
-    classes, maps = bench.baseline_fused(model, image, labels, scales, True, torch.device("cpu"))
+    classes, maps = baseline_fused(model, image, labels, scales, True, torch.device("cpu"))
     scaled = [torch.from_numpy(normalize(resize_image(image, (round(45 * s), round(61 * s))))) for s in scales]
     result = fuse_image(model, scaled, torch.from_numpy(labels), (45, 61))
     assert classes == result.classes == [0, 3]
     np.testing.assert_allclose(maps, result.maps.numpy(), atol=1e-5)
-    np.testing.assert_array_equal(bench.baseline_label(classes, maps, 0.2), label_from_maps(result, 0.2).numpy())
+    np.testing.assert_array_equal(baseline_label(classes, maps, 0.2), label_from_maps(result, 0.2).numpy())
 
 
 def test_bad_section_is_a_usage_error():
     with pytest.raises(SystemExit):
-        bench.parse_args(["--sections", "a,x"])
+        bench_cli.parse_args(["--sections", "a,x"])
 
 
 def test_cpu_worker_fusion_writes_the_files_of_the_in_process_path(tiny_voc, tmp_path, monkeypatch):
@@ -101,26 +104,26 @@ def test_cpu_worker_fusion_writes_the_files_of_the_in_process_path(tiny_voc, tmp
     from smaf.config import load_config
     from smaf.data.voc import VOCLayout
     from smaf.io import load_cam_dict, load_label_png
-    from smaf.stages import gen_fusion
+    from smaf.cam import writer
 
     root = tiny_voc
     layout = VOCLayout(root)
     ids = layout.read_list(root / "ImageSets/Segmentation/train.txt")[:4]
-    model, _ = bench.build_bench_model("efficientnet_lite0", layout.num_classes, torch.device("cpu"),
+    model, _ = build_bench_model("efficientnet_lite0", layout.num_classes, torch.device("cpu"),
                                        pretrained=False)
-    from smaf.stages import common
+    from smaf import runtime
 
     # two cores as seen by both the worker-count cap and the CPU worker-mode switch
-    monkeypatch.setattr(gen_fusion, "available_cores", lambda: 2)
-    monkeypatch.setattr(common, "available_cores", lambda: 2)
+    monkeypatch.setattr(writer, "available_cores", lambda: 2)
+    monkeypatch.setattr(runtime, "available_cores", lambda: 2)
     dirs = {}
     for workers in (0, 2):
         cfg = load_config("voc12", [f"data.root={root}", "data.cls_labels=", f"work_dir={tmp_path}",
-                                    f"num_workers={workers}", "fusion.scales=[0.5,1.0]"])
+                                    f"num_workers={workers}", "inference.scales=[0.5,1.0]"])
         out = dirs[workers] = tmp_path / f"w{workers}"
-        n = gen_fusion.generate_fused_outputs(cfg, model, layout, ids, out, torch.device("cpu"),
-                                              logging.getLogger("test"), BackgroundRule(), 2, prototypes=True,
-                                              desc="t")
+        n = writer.generate_fused_outputs(model, layout, ids, out, torch.device("cpu"), logging.getLogger("test"),
+                                          cfg.inference, BackgroundRule(), num_workers=cfg.num_workers,
+                                          num_overlays=2, prototype_min_pixels=10, desc="t")
         assert n == len(ids)
     for image_id in ids:
         a, b = (load_cam_dict(dirs[w] / "cam_npy" / f"{image_id}.npy") for w in (0, 2))

@@ -14,7 +14,8 @@ from smaf.data.transforms import normalize, resize_image
 from smaf.data.voc import InferenceDataset, VOCLayout
 from smaf.io import load_cam_dict, load_label_png
 from smaf.models.cam_net import CAMNet
-from smaf.stages.gen_fusion import aggregate_prototypes, generate_fused_outputs
+from smaf.cam.prototypes import aggregate_prototypes
+from smaf.cam.writer import generate_fused_outputs
 
 SCALES = (0.5, 1.0, 1.5, 2.0)
 
@@ -125,8 +126,9 @@ def test_stage1_outputs_match_reference_prototypes_and_resume(tiny_voc, tmp_path
     model = tiny_model("smaf")
     out_dir = tmp_path / "fusion"
     logger = logging.getLogger("test")
-    n = generate_fused_outputs(cfg, model, layout, ids, out_dir, torch.device("cpu"), logger, BackgroundRule(), 2,
-                               prototypes=True, desc="test")
+    n = generate_fused_outputs(model, layout, ids, out_dir, torch.device("cpu"), logger, cfg.inference,
+                               BackgroundRule(), num_overlays=2, prototype_min_pixels=cfg.fusion.prototype_min_pixels,
+                               desc="test")
     assert n == 5
     for image_id in ids:
         image = layout.load_image(image_id)
@@ -162,8 +164,9 @@ def test_stage1_outputs_match_reference_prototypes_and_resume(tiny_voc, tmp_path
 
     # resume: finished images are skipped, a missing one is redone
     (out_dir / "cam_png" / f"{ids[1]}.png").unlink()
-    again = generate_fused_outputs(cfg, model, layout, ids, out_dir, torch.device("cpu"), logger, BackgroundRule(), 0,
-                                   prototypes=True, desc="test")
+    again = generate_fused_outputs(model, layout, ids, out_dir, torch.device("cpu"), logger, cfg.inference,
+                                   BackgroundRule(), prototype_min_pixels=cfg.fusion.prototype_min_pixels,
+                                   desc="test")
     assert again == 1
     assert (out_dir / "cam_png" / f"{ids[1]}.png").is_file()
 
@@ -189,7 +192,7 @@ def test_inference_dataset_base_long_rescales_before_the_scales(tiny_voc):
 
 def test_stage1_pngs_follow_the_per_image_otsu_rule(tiny_voc, tmp_path):
     from smaf.cam import otsu_threshold
-    from smaf.stages.gen_fusion import evaluate_outputs
+    from smaf.cam.report import evaluate_outputs
 
     cfg = _cfg(tiny_voc, tmp_path)
     layout = VOCLayout.from_config(cfg)
@@ -197,8 +200,8 @@ def test_stage1_pngs_follow_the_per_image_otsu_rule(tiny_voc, tmp_path):
     model = tiny_model("cls")   # ReLU maps, as from a plain CAM classifier
     out_dir = tmp_path / "fusion"
     rule = BackgroundRule("otsu", 0.2)
-    generate_fused_outputs(cfg, model, layout, ids, out_dir, torch.device("cpu"), logging.getLogger("test"), rule, 0,
-                           prototypes=False, desc="test")
+    generate_fused_outputs(model, layout, ids, out_dir, torch.device("cpu"), logging.getLogger("test"),
+                           cfg.inference, rule, desc="test")
     scores = []
     for image_id in ids:
         cams = load_cam_dict(out_dir / "cam_npy" / f"{image_id}.npy")
@@ -208,7 +211,7 @@ def test_stage1_pngs_follow_the_per_image_otsu_rule(tiny_voc, tmp_path):
         expected = np.where(stack.max(0) > t, np.array(sorted(cams))[stack.argmax(0)] + 1, 0)
         np.testing.assert_array_equal(load_label_png(out_dir / "cam_png" / f"{image_id}.png"), expected)
     assert len(set(scores)) > 1   # a threshold per image
-    report = evaluate_outputs(cfg, layout, out_dir, "cam_png", ids, logging.getLogger("test"), set(ids),
+    report = evaluate_outputs(layout, out_dir, "cam_png", ids, logging.getLogger("test"), set(ids),
                               bg_rule=rule)
     assert report["bg_threshold"] == "otsu"
     assert report["bg_scores"]["median"] == pytest.approx(float(np.median(scores)))
@@ -216,7 +219,7 @@ def test_stage1_pngs_follow_the_per_image_otsu_rule(tiny_voc, tmp_path):
 
 
 def test_cpu_bf16_autocast_runs_bf16_and_stays_close_to_fp32(tiny_voc):
-    from smaf.cam import autocast_context
+    from smaf.amp import autocast_context
 
     layout = VOCLayout(tiny_voc)
     image_id = layout.read_list(f"{tiny_voc}/ImageSets/Segmentation/train.txt")[0]

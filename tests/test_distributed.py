@@ -47,8 +47,9 @@ RANK_SCRIPT = textwrap.dedent("""
             from smaf.stages import train_cls
             train_cls.run(cfg)
         else:
+            from smaf.cam import writer
             from smaf.stages import gen_fusion
-            write, save = gen_fusion._write_outputs, torch.save
+            write, save = writer._write_outputs, torch.save
             def recording_write(out_dir, image_id, *args):
                 events.append(["write", image_id])
                 return write(out_dir, image_id, *args)
@@ -58,7 +59,7 @@ RANK_SCRIPT = textwrap.dedent("""
                     name = name[1:].rsplit(".", 2)[0]
                 events.append(["save", name])
                 return save(obj, f, *args, **kwargs)
-            gen_fusion._write_outputs, torch.save = recording_write, recording_save
+            writer._write_outputs, torch.save = recording_write, recording_save
             gen_fusion.run(cfg)
         events.append(["world", torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1])
     finally:
@@ -81,7 +82,7 @@ def overrides(root: Path, work_dir: Path, *extra: str) -> list:
             f"data.infer_list={lst}/train.txt", f"data.val_list={lst}/val.txt", "num_workers=0", "device=cpu",
             "train_cls.crop=64", "train_cls.resize_long=[56,96]", "train_cls.batch_size=4",
             "train_cls.iterations=2", "train_cls.ckpt_every=1", "train_cls.val_every=0", "train_cls.log_every=1",
-            "fusion.scales=[0.5,1.0,1.5]", "fusion.overlays=2", *extra]
+            "inference.scales=[0.5,1.0,1.5]", "fusion.overlays=2", *extra]
 
 
 def launch(stage: str, over: list, record: Path, world: int) -> list:

@@ -9,10 +9,10 @@ from PIL import Image
 
 from smaf.checkpoint import load_model, read_checkpoint
 from smaf.config import load_config
-from smaf.crf import CRFParams, crf_refine_labels
-from smaf.stages import crf as crf_stage
+from smaf.cam.prototypes import PrototypeBank
+from smaf.engine import ema_update
+from smaf.refine import CRFLabelRefiner, CRFParams, crf_refine_labels, refine_folder
 from smaf.stages import gen_fusion, gen_pm, train_cls, train_fusion
-from smaf.stages.train_fusion import PrototypeBank, ema_update
 
 
 def tiny_cfg(root, work_dir, *extra):
@@ -24,7 +24,7 @@ def tiny_cfg(root, work_dir, *extra):
         "train_cls.ckpt_every=2", "train_cls.val_every=2", "train_cls.val_max_images=2", "train_cls.log_every=2",
         "train_fusion.crop=64", "train_fusion.resize_long=[56,96]", "train_fusion.batch_size=4",
         "train_fusion.iterations=4", "train_fusion.ckpt_every=2", "train_fusion.val_every=2",
-        "train_fusion.val_max_images=2", "train_fusion.log_every=2", "fusion.scales=[0.5,1.0,1.5]",
+        "train_fusion.val_max_images=2", "train_fusion.log_every=2", "inference.scales=[0.5,1.0,1.5]",
         "fusion.overlays=2", "pseudo_masks.overlays=2", "crf.overlays=2", "crf.workers=2", *extra])
 
 
@@ -118,6 +118,7 @@ def test_stage0_loss_falls_on_a_fixed_batch(tiny_voc, tmp_path):
     from smaf.data.transforms import JointTrainTransform
     from smaf.data.voc import ClassificationDataset, VOCLayout, collate_train
     from smaf.models import build_model
+    from smaf.methods import get_method
     from smaf.optim import build_poly_sgd
 
     cfg = tiny_cfg(tiny_voc, tmp_path)
@@ -129,7 +130,7 @@ def test_stage0_loss_falls_on_a_fixed_batch(tiny_voc, tmp_path):
     torch.manual_seed(0)
     model = build_model(Config(dict(cfg.model, head="smaf")), layout.num_classes).train()
     optimizer = build_poly_sgd(model.param_groups(), lr=0.01, weight_decay=5e-4, momentum=0.0, max_step=1000)
-    step = train_cls.make_step("eps", layout.num_classes, 0.4, 0.5, torch.device("cpu"))
+    step = get_method("eps").make_step(cfg.train_cls.eps, layout.num_classes, torch.device("cpu"))
     losses = []
     for it in range(30):
         loss, _ = step(model, batch, it)
@@ -141,14 +142,14 @@ def test_stage0_loss_falls_on_a_fixed_batch(tiny_voc, tmp_path):
 
 
 def test_cam_loss_model_gets_a_background_channel_in_stage2(tiny_voc, tmp_path):
-    cfg = tiny_cfg(tiny_voc, tmp_path, "train_cls.loss=cam", "train_cls.iterations=2", "train_fusion.iterations=2",
-                   "fusion.scales=[1.0]", "fusion.flip=false")
+    cfg = tiny_cfg(tiny_voc, tmp_path, "train_cls.method=cam", "train_cls.iterations=2", "train_fusion.iterations=2",
+                   "inference.scales=[1.0]", "inference.flip=false")
     train_cls.run(cfg)
-    model, meta = load_model(tmp_path / "train_cls" / "final.pth")
-    assert meta["head"] == "cls" and model.num_outputs == 5
+    model, spec = load_model(tmp_path / "train_cls" / "final.pth")
+    assert spec["args"]["head"] == "cls" and model.num_outputs == 5
     gen_fusion.run(cfg)
-    student, meta2 = load_model(train_fusion.run(cfg))
-    assert meta2["head"] == "smaf" and student.num_outputs == 6
+    student, spec2 = load_model(train_fusion.run(cfg))
+    assert spec2["args"]["head"] == "smaf" and student.num_outputs == 6
     # the C trained rows were kept from stage 0 before training moved them; the shapes tell the layout
     assert student.classifier.weight.shape[0] == 6
 
@@ -223,20 +224,20 @@ def test_crf_pool_writes_what_one_worker_writes(tiny_voc, tmp_path):
         mask[(rng.random(mask.shape) < 0.2) & (mask != 255)] = 0
         mask[mask == 255] = 0
         Image.fromarray(mask).save(noisy / f"{i}.png")
-    params = CRFParams()
-    assert crf_stage.refine_folder(layout, noisy, tmp_path / "one", ids, params, 1) == len(ids)
-    assert crf_stage.refine_folder(layout, noisy, tmp_path / "pool", ids, params, 2) == len(ids)
+    params = CRFLabelRefiner(CRFParams())
+    assert refine_folder(layout, noisy, tmp_path / "one", ids, params, 1) == len(ids)
+    assert refine_folder(layout, noisy, tmp_path / "pool", ids, params, 2) == len(ids)
     for i in ids:
         np.testing.assert_array_equal(load_label_png(tmp_path / "pool" / f"{i}.png"),
                                       load_label_png(tmp_path / "one" / f"{i}.png"))
-    assert crf_stage.refine_folder(layout, noisy, tmp_path / "pool", ids, params, 2) == 0   # finished: skipped
+    assert refine_folder(layout, noisy, tmp_path / "pool", ids, params, 2) == 0   # finished: skipped
 
 
 def test_pipeline_runner_measures_every_stage(tiny_voc, tmp_path):
     from smaf.pipeline import format_summary, run_pipeline
 
     cfg = tiny_cfg(tiny_voc, tmp_path, "train_cls.iterations=2", "train_fusion.iterations=2",
-                   "train_cls.val_every=0", "train_fusion.val_every=0", "fusion.scales=[0.5,1.0]")
+                   "train_cls.val_every=0", "train_fusion.val_every=0", "inference.scales=[0.5,1.0]")
     summary = run_pipeline(cfg, denoise_variants=[False, True], figure_rows=2, log=lambda _: None)
     assert set(summary["miou"]) == {"train", "val"}
     row = summary["miou"]["val"]
@@ -261,7 +262,7 @@ def test_pipeline_runner_measures_every_stage(tiny_voc, tmp_path):
     assert fixed["fused multi-scale CAM"] == pytest.approx(direct)
     scores = summary["bg_scores"]["val"]["fused multi-scale CAM"]
     assert 0 < scores["p10"] <= scores["median"] <= scores["p90"] < 1
-    fixed_rule = dict(summary, bg_method="fixed", bg_method_stage3="fixed", miou_fixed={})
+    fixed_rule = dict(summary, bg_method="fixed", miou_fixed={})
     assert "background threshold 0.20 (fixed by the config, not tuned on ground truth)" in format_summary(fixed_rule)
     assert (tmp_path / "summary.json").is_file() and (tmp_path / "summary.md").read_text() == table
     assert (tmp_path / "figure.jpg").is_file()
@@ -272,13 +273,13 @@ def test_pipeline_runner_measures_every_stage(tiny_voc, tmp_path):
 
 
 def test_reused_outputs_made_under_another_config_are_flagged(tiny_voc, tmp_path):
-    from smaf.stages.common import prepare_output
+    from smaf.runtime import prepare_output
 
     log_file = tmp_path / "fusion" / "log.txt"
     prepare_output(tiny_cfg(tiny_voc, tmp_path), "fusion", "gen_fusion")
     prepare_output(tiny_cfg(tiny_voc, tmp_path), "fusion", "gen_fusion")
     assert "differs" not in log_file.read_text()          # same settings: a plain resume
-    prepare_output(tiny_cfg(tiny_voc, tmp_path, "fusion.bg_method=fixed"), "fusion", "gen_fusion")
+    prepare_output(tiny_cfg(tiny_voc, tmp_path, "inference.bg_method=fixed"), "fusion", "gen_fusion")
     warning = [ln for ln in log_file.read_text().splitlines() if "differs" in ln]
-    assert len(warning) == 1 and "fusion.bg_method: 'otsu' -> 'fixed'" in warning[0]
+    assert len(warning) == 1 and "inference.bg_method: 'otsu' -> 'fixed'" in warning[0]
     assert str(tmp_path / "fusion") in warning[0]

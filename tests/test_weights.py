@@ -276,19 +276,19 @@ def test_full_conversion_with_the_cli(tmp_path, resnet_state):
 def test_convert_cli_errors_are_one_line(tmp_path, capsys):
     # One real subprocess (exit status, no traceback); the other cases call the same entry point in-process.
     result = run_convert_cli(tmp_path / "absent.params", tmp_path / "out.pth")
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.strip().startswith("error:") and "absent.params" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
     truncated = tmp_path / "truncated.params"
     good = write_params(tmp_path / "good.params", {"arg:conv1a_weight": np.zeros((64, 3, 3, 3), np.float32)}, "v2")
     truncated.write_bytes(good.read_bytes()[:100])
-    assert convert_main([str(truncated), str(tmp_path / "out.pth")]) == 1
+    assert convert_main([str(truncated), str(tmp_path / "out.pth")]) == 2
     stderr = capsys.readouterr().err.strip()
     assert stderr.startswith("error:") and "truncated" in stderr and len(stderr.splitlines()) == 1
 
     # Well formed but only one tensor of the model: refused, nothing written.
-    assert convert_main([str(good), str(tmp_path / "out.pth")]) == 1
+    assert convert_main([str(good), str(tmp_path / "out.pth")]) == 2
     stderr = capsys.readouterr().err.strip()
     assert "missing 190" in stderr and "not written" in stderr and len(stderr.splitlines()) == 1
     assert not (tmp_path / "out.pth").exists()

@@ -48,7 +48,14 @@ import numpy as np
 from PIL import Image
 
 from ..io import atomic_save, load_image, load_label_png
-from .voc import IMAGE_SUFFIXES, DatasetError, load_class_names, load_cls_labels, read_id_list
+from ..runtime import EXIT_EXPECTED_ERROR
+from .voc import (
+    IMAGE_SUFFIXES,
+    DatasetError,
+    load_class_names,
+    load_cls_labels,
+    read_id_list,
+)
 
 AUTO_DECODE_LIMIT = 5000
 MASK_DIRS = ("SegmentationClassAug", "SegmentationClass")  # same preference as VOCLayout
@@ -501,14 +508,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.rebuild_labels:
         if not root.is_dir():
             print(f"error: dataset root '{root}' does not exist: fix --root", file=sys.stderr)
-            return 2
+            return EXIT_EXPECTED_ERROR
         scan = scan_masks(find_mask_dir(root), args.workers)
         try:
             rebuilt = rebuild_labels(root, args.labels_out, cls_labels=args.cls_labels, labels_txt=args.labels_txt,
                                      workers=args.workers, mask_scan=scan)
         except DatasetError as err:
             print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-            return 2
+            return EXIT_EXPECTED_ERROR
         print("\n".join(rebuilt.lines()))
         cls_labels = rebuilt.path  # check the labels just written
     report = inspect_layout(root, args.list, cls_labels=cls_labels, labels_txt=args.labels_txt,

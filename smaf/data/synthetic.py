@@ -48,6 +48,7 @@ import cv2
 import numpy as np
 
 from ..io import save_image, save_label_png
+from ..runtime import EXIT_EXPECTED_ERROR
 
 GENERATOR_VERSION = 1
 MANIFEST = "synthetic.json"
@@ -496,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
                                args.num_classes, force=args.force, verbose=True)
     except (ValueError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_EXPECTED_ERROR
     return 0
 
 

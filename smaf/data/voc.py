@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..io import load_image, load_label_png
+from ..runtime import SmafError
 from .transforms import JointTrainTransform, normalize, resize_image
 
 VOC_CLASSES = (
@@ -26,7 +27,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
 DATASET_HELP = "see dataset/README.md for the expected layout, or run `bash script/demo.sh` for the synthetic demo"
 
 
-class DatasetError(ValueError):
+class DatasetError(SmafError, ValueError):
     """A dataset file or folder is missing or inconsistent; the message names it and the fix."""
 
 
@@ -170,7 +171,7 @@ class VOCLayout:
         path = self.saliency_path(image_id)
         if not path.is_file():
             raise DatasetError(f"saliency map '{path}' not found: the eps loss needs SALImages/<id>.png; "
-                               f"use train_cls.loss=cam for datasets without saliency")
+                               f"use train_cls.method=cam for datasets without saliency, or make maps with `bash script/saliency.sh`")
         return load_image(path).astype(np.float32).mean(2) / 255.0
 
 

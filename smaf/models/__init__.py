@@ -1,4 +1,5 @@
-"""Model factory: ``build_model(cfg.model, num_classes)`` -> :class:`CAMNet` (backbone + SMAF head).
+"""Model factory: ``build_model(cfg.model, num_classes)`` -> :class:`CAMNet` (backbone + SMAF head), and the
+architecture registry (:mod:`smaf.models.registry`) through which checkpoints rebuild any registered network.
 
 Backbones are registered in :data:`BACKBONES` as small builder functions ``(pretrained, output_stride) ->
 module`` (the module's ``forward(x)`` returns a dict with ``'conv6'`` and it has ``out_channels``):
@@ -18,6 +19,7 @@ from typing import Callable, Mapping
 import torch.nn as nn
 
 from smaf.models.cam_net import HEAD_TYPES, CAMNet, freeze_batchnorm
+from smaf.models.registry import architectures, build_from_spec, register_architecture
 
 IMAGENET_ALIAS = "imagenet"
 
@@ -69,9 +71,11 @@ def build_model(model_cfg: Mapping, num_classes: int) -> CAMNet:
         raise ValueError(f"model config lacks {', '.join(missing)} (needs {', '.join(required)})")
     if model_cfg["head"] not in HEAD_TYPES:
         raise ValueError(f"unknown model.head '{model_cfg['head']}'; valid: {', '.join(HEAD_TYPES)}")
-    backbone = build_backbone(model_cfg["backbone"], model_cfg["pretrained"], model_cfg["output_stride"])
-    return CAMNet(backbone, num_classes, head=model_cfg["head"], feat_dim=int(model_cfg["feat_dim"]))
+    spec = {"arch": "cam_net", "args": {"num_classes": int(num_classes), "backbone": model_cfg["backbone"],
+                                        "output_stride": int(model_cfg["output_stride"]),
+                                        "feat_dim": int(model_cfg["feat_dim"]), "head": model_cfg["head"]}}
+    return build_from_spec(spec, pretrained=str(model_cfg["pretrained"] or ""))
 
 
-__all__ = ["BACKBONES", "CAMNet", "HEAD_TYPES", "IMAGENET_ALIAS", "build_backbone", "build_model",
-           "freeze_batchnorm"]
+__all__ = ["BACKBONES", "CAMNet", "HEAD_TYPES", "IMAGENET_ALIAS", "architectures", "build_backbone",
+           "build_from_spec", "build_model", "freeze_batchnorm", "register_architecture"]

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .registry import register_architecture
+
 HEAD_TYPES = ("smaf", "cls")
 _BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -125,3 +127,17 @@ class CAMNet(nn.Module):
         new.weight.requires_grad_(old.weight.requires_grad)
         self.classifier = new
         self.has_background = True
+        spec = getattr(self, "arch_spec", None)
+        if spec is not None:   # checkpoints of the converted model rebuild the C+1 head
+            self.arch_spec = {"arch": spec["arch"], "args": dict(spec["args"], head="smaf")}
+
+
+@register_architecture("cam_net")
+def build_cam_net(num_classes: int, backbone: str, output_stride: int = 8, feat_dim: int = 128, head: str = "smaf",
+                  pretrained: str = "") -> CAMNet:
+    """The CAM network: backbone ``backbone`` (a name of :data:`smaf.models.BACKBONES`) + the SMAF head with
+    ``num_classes`` foreground classes. ``pretrained`` ('' = random init, a file, or 'imagenet') is not recorded
+    in the architecture's arguments."""
+    from . import build_backbone
+
+    return CAMNet(build_backbone(backbone, pretrained, output_stride), num_classes, head=head, feat_dim=feat_dim)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from smaf.models.mxnet_params import read_mxnet_params
+from smaf.runtime import EXIT_EXPECTED_ERROR
 
 _BN_SUFFIXES = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_var": "running_var"}
 _BLOCK_RE = re.compile(r"^(bn|res)(\d+)(a|b(\d+))$")
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("SMAF_DEBUG"):
             raise
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 1
+        return EXIT_EXPECTED_ERROR
     return 0
 
 

@@ -23,6 +23,8 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
+from smaf.runtime import SmafError
+
 SMAF_FORMAT = "smaf"
 IMAGENET_PARAMS = "ilsvrc-cls_rna-a1_cls1000_ep-0001.params"
 DEFAULT_IMAGENET_PTH = "weights/resnet38d_imagenet.pth"
@@ -34,7 +36,7 @@ PREFERRED_NESTED_KEYS = ("state_dict", "model_state", "model_state_dict", "model
 _EXAMPLES = 3
 
 
-class WeightsError(RuntimeError):
+class WeightsError(SmafError, RuntimeError):
     """A weights file is missing, unreadable or does not fit the model; the message is one line saying which file
     and what to do."""
 

@@ -10,85 +10,30 @@ whole-image features and mapped into the crop with the transform parameters. Los
 MSE(softmax(student cam), T). After each step the teacher is an EMA of the student and the prototypes
 move towards the teacher's class-mean features (momentum ``proto_momentum``).
 
+Inputs (explicit keys of this section, defaults from :mod:`smaf.run_layout`): ``train_fusion.checkpoint`` (the
+stage-0 model) and ``train_fusion.fusion_dir`` (stage 1's folder: ``cam_npy/`` and ``prototypes.pt``).
 Outputs in ``<work_dir>/<train_fusion.out_subdir>/``: ``final.pth`` (student, used by stage 3), ``final_teacher.pth``
-(EMA teacher), ``checkpoints/``, ``log.txt``, ``metrics.jsonl``, ``config.yaml``.
+(EMA teacher, written first), ``checkpoints/``, ``log.txt``, ``metrics.jsonl``, ``config.yaml``.
 """
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .. import dist
-from ..cam import BackgroundRule
+from ..cam.prototypes import PrototypeBank, load_prototypes
+from ..cam.validate import CAMValidator
 from ..checkpoint import load_model
 from ..data.transforms import JointTrainTransform, crop_to_image_grid
 from ..data.voc import ClassificationDataset, collate_train
-from ..engine import Validator, train_loop
+from ..engine import ModuleState, ema_update, train_loop
 from ..losses import prototype_weights, self_training_loss, self_training_target
-from .common import StageError, pick, prepare_output, set_seed
-
-
-class PrototypeBank:
-    """(C+1, D) class prototypes (background last) with a momentum update from teacher outputs."""
-
-    def __init__(self, prototypes: torch.Tensor, momentum: float, min_pixels: int = 10):
-        self.prototypes = prototypes.float().clone()
-        self.momentum, self.min_pixels = momentum, min_pixels
-
-    def state_dict(self) -> dict:
-        return {"prototypes": self.prototypes.cpu()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.prototypes = state["prototypes"].to(self.prototypes.device)
-
-    @torch.no_grad()
-    def batch_class_means(self, cam: torch.Tensor, feature: torch.Tensor, labels: torch.Tensor):
-        """Sum over images of each image's mean feature per assigned class, and the image counts.
-
-        cam: (B, C+1, h, w) teacher CAM; feature: (B, D, h, w); labels: (B, C). A pixel is assigned to
-        argmax over [softmax fg x labels; softmax bg]; classes with < min_pixels pixels in an image are
-        skipped. Returns (sums (C+1, D), counts (C+1,))."""
-        b, k, h, w = cam.shape
-        p = torch.softmax(cam.float(), 1)
-        scores = torch.cat([p[:, :-1] * labels[:, :, None, None], p[:, -1:]], 1)
-        onehot = F.one_hot(scores.argmax(1), k).permute(0, 3, 1, 2).float()           # (B, K, h, w)
-        pixels = onehot.sum((2, 3))                                                   # (B, K)
-        means = torch.einsum("bkhw,bdhw->bkd", onehot, feature.float()) / pixels.clamp(min=1)[..., None]
-        keep = (pixels >= self.min_pixels).float()
-        return (means * keep[..., None]).sum(0), keep.sum(0)
-
-    @torch.no_grad()
-    def update(self, sums: torch.Tensor, counts: torch.Tensor) -> None:
-        """prototype_k <- (1 - m) prototype_k + m mean_k for classes seen in the (global) batch."""
-        seen = counts > 0
-        batch_mean = sums[seen] / counts[seen, None]
-        self.prototypes[seen] = (1 - self.momentum) * self.prototypes[seen] + self.momentum * batch_mean
-
-
-class ModuleState:
-    """Adapter so the EMA teacher is saved/restored with the training checkpoints."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def state_dict(self):
-        return self.module.state_dict()
-
-    def load_state_dict(self, state):
-        self.module.load_state_dict(state, strict=True)
-
-
-@torch.no_grad()
-def ema_update(teacher, student, decay: float) -> None:
-    """teacher params <- decay teacher + (1 - decay) student; buffers copied from the student."""
-    for pt, ps in zip(teacher.parameters(), student.parameters()):
-        pt.mul_(decay).add_(ps.detach(), alpha=1 - decay)
-    for bt, bs in zip(teacher.buffers(), student.buffers()):
-        bt.copy_(bs)
+from ..optim import build_optimizer
+from ..run_layout import CAM_NPY, FINAL_TEACHER, PROTOTYPES, RunLayout
+from ..runtime import StageError, pick, prepare_output, set_seed, stage_main
 
 
 def crop_weights(weights_full: torch.Tensor, params: list, size: int) -> torch.Tensor:
@@ -118,8 +63,7 @@ def calibrate_background_head(model, images: torch.Tensor, labels: torch.Tensor)
 
 def make_step(student, teacher, bank: PrototypeBank, num_classes: int, target_size: int, bg_score: float,
               loss_weight: float, denoise: bool, ema: float, device):
-    """The stage-2 step and its after-step update, for :func:`smaf.engine.train_loop` (also used by
-    :mod:`smaf.bench`).
+    """The stage-2 step and its after-step update, for :func:`smaf.engine.train_loop`.
 
     ``step(model, batch, iteration) -> (loss, logs)``: teacher forward on the whole image (no gradient), the
     target (fused map of the crop at ``target_size``, optionally prototype-weighted) and the student's loss;
@@ -152,54 +96,60 @@ def make_step(student, teacher, bank: PrototypeBank, num_classes: int, target_si
     return step, after_step
 
 
+def build_self_training(student, sect, num_classes: int, prototypes: torch.Tensor, min_pixels: int, device):
+    """Everything stage 2 trains with, from the student (already on ``device``, with its background channel)
+    and the ``train_fusion`` section: ``(teacher, bank, step, after_step)``; the teacher is a frozen copy of
+    the student, the bank holds ``prototypes`` (C+1, D). Also used by the speed benchmark."""
+    teacher = copy.deepcopy(student).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    bank = PrototypeBank(prototypes.to(device), sect.proto_momentum, min_pixels)
+    step, after_step = make_step(student, teacher, bank, num_classes, sect.crop // sect.target_stride,
+                                 sect.bg_score, sect.loss_weight, sect.denoise, sect.ema, device)
+    return teacher, bank, step, after_step
+
+
 def run(cfg):
     """Stage 2. Returns the path of ``final.pth`` (the student)."""
     sect = cfg.train_fusion
-    out_dir, logger, device, layout = prepare_output(cfg, sect.out_subdir, "train_fusion")
-    # the student is validated like stage 3 will use it: single-scale here, with stage 3's background rule
-    # (read first: a bad rule fails before any model is loaded)
-    val_rule = BackgroundRule.from_section(cfg.pseudo_masks, "pseudo_masks")
+    out_dir, logger, device, layout = prepare_output(cfg, "train_fusion")
+    # the student is validated like stage 3 will use it: single-scale, with the inference section's rule
+    # (built first: a bad rule fails before any model is loaded)
+    validator = CAMValidator.from_config(cfg, layout, sect.val_max_images, logger)
     set_seed(cfg.seed)
     num_classes = layout.num_classes
     ids = layout.read_list(pick(sect.train_list, cfg.data.train_list))
-    fusion_dir = Path(pick(sect.fusion_dir, str(Path(cfg.work_dir) / cfg.fusion.out_subdir)))
-    proto_path = fusion_dir / "prototypes.pt"
+    runs = RunLayout(cfg)
+    fusion_dir = runs.input("train_fusion", "fusion_dir")
+    proto_path = fusion_dir / PROTOTYPES
     if not proto_path.is_file():
-        raise StageError(f"'{proto_path}' not found: run stage 1 (bash script/gen_fusion.sh) first")
-    ckpt = pick(sect.checkpoint, str(Path(cfg.work_dir) / "train_cls" / "final.pth"))
-    student, meta = load_model(ckpt, producer="stage 0 (bash script/train_cls.sh)", device="cpu")
+        raise StageError(f"'{proto_path}' not found: run {runs.producer('train_fusion', 'fusion_dir')} first")
+    ckpt = runs.input("train_fusion", "checkpoint")
+    student, _ = load_model(ckpt, producer=runs.producer("train_fusion", "checkpoint"), device="cpu")
     if student.num_classes != num_classes:
         raise StageError(f"{ckpt} was trained for {student.num_classes} classes but the dataset has {num_classes}")
     transform = JointTrainTransform(sect.crop, sect.resize_long, flip=True, jitter=None)
-    dataset = ClassificationDataset(layout, ids, transform, soft_dir=fusion_dir / "cam_npy", full_size=sect.crop)
+    dataset = ClassificationDataset(layout, ids, transform, soft_dir=fusion_dir / CAM_NPY, full_size=sect.crop)
     student = student.to(device)
     if not student.has_background:
         student.add_background_channel()
-        meta = dict(meta, head="smaf")
         calib = collate_train([dataset[(i, int(cfg.seed) + i)] for i in range(min(len(dataset), sect.batch_size))])
         divisor = calibrate_background_head(student.eval(), calib["full"].to(device), calib["labels"].to(device))
         logger.info("stage-0 model is a plain CAM classifier: added a background channel (zero-initialised) and "
                     "divided the class rows by the mean peak CAM %.2f so the softmax starts unsaturated", divisor)
-    teacher = copy.deepcopy(student).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    bank = PrototypeBank(torch.load(proto_path, map_location="cpu")["prototypes"].to(device),
-                         sect.proto_momentum, cfg.fusion.prototype_min_pixels)
+    protos = load_prototypes(proto_path)
+    teacher, bank, step, after_step = build_self_training(student, sect, num_classes, protos["prototypes"],
+                                                          protos["min_pixels"], device)
     target_size = sect.crop // sect.target_stride
-    step, after_step = make_step(student, teacher, bank, num_classes, target_size, sect.bg_score, sect.loss_weight,
-                                 sect.denoise, sect.ema, device)
-
-    validator = Validator(cfg, layout, cfg.data.val_list, sect.val_max_images, val_rule, device, logger)
     logger.info("stage 2: %d images, fused maps from %s, denoise %s, target %dx%d, target background score %.2f",
                 len(ids), fusion_dir, sect.denoise, target_size, target_size, sect.bg_score)
-    return train_loop(cfg, sect, out_dir, logger, device, student, dataset, step, meta,
-                      extras={"teacher": ModuleState(teacher), "prototypes": bank}, after_step=after_step,
-                      validator=validator, final_extras=lambda: {"final_teacher.pth": (teacher, meta)})
+    return train_loop(cfg, sect, out_dir, logger, device, student, dataset, step,
+                      lambda total: build_optimizer(sect, student.param_groups(), total, "train_fusion"),
+                      validator=validator, extras={"teacher": ModuleState(teacher), "prototypes": bank},
+                      after_step=after_step, final_extras=lambda: {FINAL_TEACHER: teacher})
 
 
 def main(argv=None):
-    from .common import stage_main
-
     stage_main(run, "Stage 2: self-training with fused multi-scale attention maps.", argv)
 
 

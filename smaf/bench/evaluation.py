@@ -1,11 +1,12 @@
-"""Benchmark of the evaluation path: a folder of masks scored against itself (``python -m smaf.bench_eval``).
+"""Section c: evaluation throughput, a folder of masks scored against itself (also its own command:
+``python -m smaf.bench.evaluation --gt DIR [--list FILE]``).
 
 Scoring a folder against itself reads every PNG twice and runs the full confusion-matrix path, which is
 what every stage's evaluation costs; the result must be mIoU 100 (checked, so a fast wrong answer fails).
 
 Example::
 
-    python -m smaf.bench_eval --gt ../shared/data/voc12/SegmentationClassAug_val --list ../shared/data/voc12/val.txt
+    python -m smaf.bench.evaluation --gt ../shared/data/voc12/SegmentationClassAug_val --list ../shared/data/voc12/val.txt
 """
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .evaluate import evaluate_folder
+from ..data.voc import VOC_CLASSES, load_class_names, read_id_list
+from ..evaluate import evaluate_folder
+from ..runtime import expected_errors
+from .common import median, shared_root
 
 
 def bench_evaluation(gt_dir: str | os.PathLike, ids: Sequence[str], class_names: Sequence[str], repeats: int = 3,
@@ -50,18 +54,31 @@ def bench_evaluation(gt_dir: str | os.PathLike, ids: Sequence[str], class_names:
             "images_per_s": len(ids) / median if median > 0 else float("inf"), "miou": miou}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI: print the median time and images/s; one ``error: ...`` line and exit 2 on a user error."""
-    from .data.voc import DatasetError, load_class_names, read_id_list
+def bench_eval_section(layout, ids: list, args) -> dict:
+    voc = shared_root() / "data" / "voc12"
+    if (voc / "SegmentationClassAug_val").is_dir() and (voc / "val.txt").is_file() and not args.data:
+        gt_dir, eval_ids = voc / "SegmentationClassAug_val", read_id_list(voc / "val.txt")
+        names, source = ["background"] + list(VOC_CLASSES), "real VOC12 val masks"
+    else:
+        gt_dir, eval_ids = layout.mask_dir, list(ids)
+        names, source = ["background"] + list(layout.class_names), "benchmark images' masks"
+    # one extra run first: it warms the file cache and is excluded from the median
+    res = bench_evaluation(gt_dir, eval_ids, names, repeats=args.repeats + 1)
+    times = res["times_s"][1:]
+    return {"source": source, "gt_dir": str(gt_dir), "num_images": len(eval_ids), "threads": res["workers"],
+            "times_s": times, "images_per_s": len(eval_ids) / median(times), "miou": res["miou"]}
 
-    parser = argparse.ArgumentParser(prog="python -m smaf.bench_eval", description=__doc__.split("\n\n")[0])
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: print the median time and images/s; one ``error: ...`` line on a user error."""
+    parser = argparse.ArgumentParser(prog="python -m smaf.bench.evaluation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--gt", required=True, help="folder of <id>.png masks")
     parser.add_argument("--list", help="split list (default: every mask of --gt)")
     parser.add_argument("--labels", help="labels.txt with the class names (default: VOC's 20)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=None)
     args = parser.parse_args(argv)
-    try:
+    with expected_errors():
         gt_dir = Path(args.gt)
         if not gt_dir.is_dir():
             raise FileNotFoundError(f"mask folder '{gt_dir}' not found: fix --gt")
@@ -70,9 +87,6 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"class names file '{args.labels}' not found: fix --labels")
         class_names = ["background"] + load_class_names(args.labels)
         res = bench_evaluation(gt_dir, ids, class_names, repeats=args.repeats, workers=args.workers)
-    except (DatasetError, ValueError, FileNotFoundError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
     print(f"evaluation benchmark: {res['num_images']} masks against themselves, {res['workers']} threads, "
           f"runs {res['times_s']} s")
     print(f"median {res['median_s']:.3f} s, {res['images_per_s']:.1f} images/s (mIoU {res['miou']:.1f})")
