@@ -82,7 +82,8 @@ class VOCLayout:
         root: dataset folder holding ``JPEGImages/``.
         cls_labels: path of ``cls_labels.npy``; '' means ``<root>/cls_labels.npy``.
         labels_txt: class names file; '' means ``<root>/labels.txt`` (VOC's 20 classes if absent).
-        saliency_dir: saliency folder name (relative to root) or absolute path.
+        saliency_dir: saliency folder: a bare name is a folder of ``root`` (``SALImages``); a path with a
+            separator is used as it is (relative to the working directory, like ``root``).
     """
 
     def __init__(self, root: str | os.PathLike, cls_labels: str = "", labels_txt: str = "",
@@ -95,7 +96,9 @@ class VOCLayout:
         self.mask_dir = next((self.root / d for d in ("SegmentationClassAug", "SegmentationClass")
                               if (self.root / d).is_dir()), None)
         sal = Path(saliency_dir)
-        self.saliency_dir = sal if sal.is_absolute() else self.root / sal
+        # a bare folder name lives in the root (SALImages/); a path is taken as it is, so saliency maps made for a
+        # read-only dataset can live elsewhere (e.g. dataset/saliency/pets/SALImages)
+        self.saliency_dir = sal if sal.is_absolute() or len(sal.parts) > 1 else self.root / sal
         self.labels_path = Path(cls_labels) if cls_labels else self.root / "cls_labels.npy"
         names_path = Path(labels_txt) if labels_txt else self.root / "labels.txt"
         self.class_names = load_class_names(names_path)
