@@ -36,7 +36,7 @@ _FALSE = {"false", "no", "off", "0"}
 
 #: Section keys that select a config fragment: ``<section>.<kind>: <name>`` merges the fragment file
 #: ``<name>.yaml`` of :func:`fragment_dir` as ``<section>.<name>``.
-FRAGMENT_KINDS = ("method", "optimizer")
+FRAGMENT_KINDS = ("method", "optimizer", "preset")
 
 #: Keys that moved, old dotted name -> new dotted name (old configs and commands keep working, with a warning).
 MOVED_KEYS = {

@@ -10,7 +10,8 @@ Writes are atomic (temp name + rename), so an interrupted stage never leaves a h
 from __future__ import annotations
 
 import os
-import tempfile
+import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +36,45 @@ def voc_colormap(n: int = 256) -> np.ndarray:
 VOC_COLORMAP = voc_colormap()
 
 
-def _atomic_target(path: Path):
+_TEMP_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"
+#: Names of the temporary files of :func:`atomic_save` (``.<name>.<8 random characters>.tmp``, the pattern of
+#: ``tempfile.mkstemp`` that earlier versions used, so their leftovers are recognised too).
+TEMP_FILE_RE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def _atomic_target(path: Path) -> str:
+    """Create an empty temp file beside ``path`` and return its name. Created with mode 0666 minus the umask
+    (``tempfile.mkstemp`` would make it 0600, and the rename would keep that: results others cannot read)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return tmp
+    rng = random.Random()
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{''.join(rng.choices(_TEMP_CHARS, k=8))}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:  # pragma: no cover - 37**8 names
+            continue
+        os.close(fd)
+        return str(tmp)
+    raise FileExistsError(f"no free temporary name beside {path}")  # pragma: no cover
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temp files an interrupted :func:`atomic_save` left under ``folder`` (recursively); returns
+    them. Call it only when no other process writes into ``folder`` (a stage does it when it starts)."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if name.startswith(".") and name.endswith(".tmp") and TEMP_FILE_RE.match(name):
+                p = Path(root) / name
+                try:
+                    p.unlink()
+                except FileNotFoundError:  # pragma: no cover - removed meanwhile
+                    continue
+                removed.append(p)
+    return removed
 
 
 def atomic_save(path: str | os.PathLike, write) -> Path:
@@ -70,19 +105,45 @@ def save_cam_dict(path: str | os.PathLike, cams: dict) -> Path:
 
 def load_cam_dict(path: str | os.PathLike) -> dict:
     """Load a CAM ``.npy`` dict -> ``{class index: HxW float32}``. Also accepts a saved CxHxW array
-    (keys become 0..C-1)."""
+    (keys become 0..C-1). Read without running code (:func:`smaf.safe_load.load_npy`: only dicts, arrays,
+    dtypes and numbers are unpickled); a file that is not such a dict fails with one line naming it."""
+    from .safe_load import SafeLoadError, UnsafeFileError, load_npy
+
+    fix = "delete it and re-run the stage that wrote it"
     try:
-        obj = np.load(path, allow_pickle=True)
-    except (OSError, ValueError, EOFError) as err:
-        raise ValueError(f"{path}: not a readable CAM .npy file ({err}); delete it and re-run the stage") from None
+        obj = load_npy(path, "CAM .npy file")
+    except UnsafeFileError:
+        raise
+    except SafeLoadError as err:
+        raise ValueError(f"{err}; {fix}") from None
+    except OSError as err:
+        raise ValueError(f"{path}: not a readable CAM .npy file ({one_line_reason(err)}); {fix}") from None
     if obj.dtype == object and obj.shape == ():
         obj = obj.item()
         if not isinstance(obj, dict):
-            raise ValueError(f"{path}: expected a pickled dict {{class: HxW array}}, got {type(obj).__name__}")
-        return {int(k): np.asarray(v, dtype=np.float32) for k, v in obj.items()}
-    if obj.ndim == 3:
+            raise ValueError(f"{path}: expected a pickled dict {{class: HxW array}}, got {type(obj).__name__}; "
+                             f"{fix}")
+        out = {}
+        for k, v in obj.items():
+            try:
+                key = int(k)
+                arr = np.asarray(v, dtype=np.float32)
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: expected a dict {{class index: HxW float32}}, got the entry {k!r}: "
+                                 f"{type(v).__name__}; {fix}") from None
+            if arr.ndim < 1:
+                raise ValueError(f"{path}: class {k!r} holds a scalar, expected an HxW map; {fix}")
+            out[key] = arr
+        return out
+    if obj.ndim == 3 and obj.dtype != object:
         return {i: obj[i].astype(np.float32) for i in range(obj.shape[0])}
-    raise ValueError(f"{path}: expected a CAM dict or a CxHxW array, got shape {obj.shape}")
+    raise ValueError(f"{path}: expected a CAM dict or a CxHxW array, got shape {obj.shape}; {fix}")
+
+
+def one_line_reason(err: BaseException) -> str:
+    """An exception as one short line (for messages that embed it)."""
+    text = " ".join(str(err).split())
+    return text[:200] if text else err.__class__.__name__
 
 
 def cam_dict_to_array(cams: dict, num_classes: int, size: tuple[int, int] | None = None) -> np.ndarray:

@@ -1,13 +1,24 @@
 """The whole pipeline in one command, with every stage measured (``bash script/demo.sh``,
-``bash script/bench_pets.sh``).
+``bash script/bench_real.sh pets|msrc``).
 
-Runs stage 0 on the training list; stage 1 single-scale (the baseline) and multi-scale on the training
-and validation lists; stage 2 once per denoising setting; stage 3 on both lists for each setting, with the
-CRF step for the config's default setting. Prints one table of mIoU (train = pseudo-mask quality, val)
-with the config's background rule (a fixed score, or per-image Otsu: never tuned on ground truth; with
-Otsu the same maps are also scored at the fixed ``inference.bg_threshold`` for comparison), the wall time of
-each stage, and writes ``summary.json``, ``summary.md`` and ``figure.jpg`` (image | GT | single-scale CAM |
-fused CAM | final mask for a few validation images) into ``work_dir``.
+For each stage-0 path (``--methods``, default the config's ``train_cls.method``; e.g. ``cam,eps``): stage 0 on
+the training list; stage 1 single-scale (the baseline) and multi-scale on the training and validation lists;
+stage 2 once per denoising setting; stage 3 on both lists for each setting, with the CRF for the config's
+default setting. With a saliency path or ``--baselines``, the saliency step runs first (its maps feed the EPS
+loss) and the "saliency x image label" baseline is scored on both lists. Prints one table of mIoU (train =
+pseudo-mask quality, val) with the config's background rule (a fixed score, or per-image Otsu: never tuned on
+ground truth; with Otsu the same maps are also scored at the fixed ``inference.bg_threshold`` for comparison),
+the baselines, the wall time of each stage, and writes ``summary.json``, ``summary.md`` and ``figure.jpg``
+(image | GT | [saliency x label] | per path: fused CAM, final mask, for a few validation images) into
+``work_dir``. With several paths each runs in ``<work_dir>/<method>/``.
+
+With ``--segmentation`` (stage 4, opt-in): after each path's stages 0-3 the segmentation network
+(``train_seg``) is trained on that path's final pseudo masks (the default self-trained setting's CRF PNGs of
+the training list) in ``<path work_dir>/train_seg/`` and run over the validation list (``infer_seg``, mIoU with
+and without the CRF) in ``<path work_dir>/infer_seg/``; once per run, its fully supervised twin (the same
+network, schedule and inference on the ground-truth masks, ``train_seg.masks=gt``) in
+``<work_dir>/train_seg_gt/`` and ``<work_dir>/infer_seg_gt/``. A second table gives both val mIoUs and their
+ratio (docs/segmentation.md).
 
 Every stage skips finished outputs, so re-running after an interruption continues where it stopped.
 """
@@ -21,87 +32,257 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import derive, load_config
-from .run_layout import CAM_NPY, CAM_PNG, CRF_PNG
+from .config import apply_overrides, config_changes, derive, load_config
+from .run_layout import CAM_NPY, CAM_PNG, CRF_PNG, FINAL, WARNINGS_FILE
+
+SPLITS = ("train", "val")
+SINGLE, FUSED = "single-scale CAM", "fused multi-scale CAM"
+SALIENCY_BASELINE = "saliency x image label"
+#: Refiners the runner can chain after stage 1 (fused maps) and stage 3 (self-trained maps of the default
+#: setting): ``par`` (AFA's PAR, training-free), ``rw`` (AffinityNet trained on the path's fused train maps,
+#: then the random walk, and the CRF after it).
+REFINERS = ("par", "rw")
+#: Stage 4 (``--segmentation``): the row names of its table and the (train_seg, infer_seg) folders of each
+#: mask source, under the path's work_dir (pseudo) or the top work_dir (gt, once per run).
+SEG_ROWS = {"pseudo": "trained on our pseudo masks", "gt": "trained on ground truth (fully supervised)"}
+SEG_DIRS = {"pseudo": ("train_seg", "infer_seg"), "gt": ("train_seg_gt", "infer_seg_gt")}
+#: The sections that must agree between a path's stage 4 and the twin for the ratio to compare like with like.
+SEG_SECTIONS = ("model", "train_seg", "infer_seg")
 
 
 def _variant_name(denoise: bool) -> str:
     return "denoise_on" if denoise else "denoise_off"
 
 
-def run_pipeline(cfg, denoise_variants=None, figure_rows: int = 4, log=print) -> dict:
-    """Run and measure every stage. Returns the summary dict (also written to ``<work_dir>/summary.json``)."""
+def _column(denoise: bool) -> str:
+    return f"self-trained ({_variant_name(denoise).replace('_', ' ')})"
+
+
+class _Clock:
+    """Times named steps; a step whose outputs already existed (it returns in a fraction of the recorded time)
+    keeps the wall time measured when it ran (``<work_dir>/timings.json``)."""
+
+    def __init__(self, path: Path, log):
+        self.path, self.log = path, log
+        self.measured = json.loads(path.read_text()) if path.is_file() else {}
+        self.timings = {}
+
+    def __call__(self, name: str, fn, *args):
+        start = time.perf_counter()
+        out = fn(*args)
+        elapsed = round(time.perf_counter() - start, 1)
+        resumed = name in self.measured and elapsed < 0.2 * self.measured[name]
+        self.timings[name] = self.measured[name] if resumed else elapsed
+        self.measured[name] = self.timings[name]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.measured, indent=2))
+        self.log(f"== {name}: {self.timings[name]:.1f} s" + (" (measured when it ran; outputs reused now)"
+                                                             if resumed else ""))
+        return out
+
+
+def run_path(cfg, clock: _Clock, denoise_variants=None, prefix: str = "", refiners=()) -> dict:
+    """Stages 0-3 of one stage-0 path (``cfg.train_cls.method``) in ``cfg.work_dir``, then the ``refiners``
+    (:data:`REFINERS`) on its fused and self-trained maps. Returns
+    ``{'miou': {split: {column: value}}, 'folders': {split: {column: stage folder}}, 'bg_scores', 'warnings'}``."""
     from .stages import gen_fusion, gen_pm, train_cls, train_fusion
 
     default_denoise = bool(cfg.train_fusion.denoise)
     variants = list(dict.fromkeys(denoise_variants if denoise_variants is not None else [default_denoise]))
     # (generation list, evaluation list); stage 2 needs the fused maps of every training image
     lists = {"train": (cfg.data.train_list, cfg.data.infer_list), "val": (cfg.data.val_list, cfg.data.val_list)}
-    splits = tuple(lists)
-    timings, miou = {}, {split: {} for split in splits}
-    folders = {split: {} for split in splits}     # column -> the stage folder it was measured from
-    bg_scores = {split: {} for split in splits}   # column -> spread of the per-image background scores
-    work = Path(cfg.work_dir)
+    out = {"miou": {s: {} for s in SPLITS}, "folders": {s: {} for s in SPLITS}, "bg_scores": {s: {} for s in SPLITS},
+           "warnings": [], "default_column": _column(default_denoise)}
 
     def record(split, column, result):
-        miou[split][column] = result["miou"]
-        folders[split][column] = Path(result["out_dir"])
+        out["miou"][split][column] = result["miou"]
+        out["folders"][split][column] = Path(result["out_dir"])
         if result.get("bg_scores"):
-            bg_scores[split][column] = result["bg_scores"]
+            out["bg_scores"][split][column] = result["bg_scores"]
 
-    # A stage whose outputs already exist is skipped in seconds; it keeps the wall time measured when it ran.
-    timings_file = Path(cfg.work_dir) / "timings.json"
-    measured = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
-
-    def timed(name, fn, *args):
-        start = time.perf_counter()
-        out = fn(*args)
-        elapsed = round(time.perf_counter() - start, 1)
-        resumed = name in measured and elapsed < 0.2 * measured[name]
-        timings[name] = measured[name] if resumed else elapsed
-        measured[name] = timings[name]
-        timings_file.write_text(json.dumps(measured, indent=2))
-        log(f"== {name}: {timings[name]:.1f} s" + (" (measured when it ran; outputs reused now)" if resumed else ""))
-        return out
-
-    timed("stage 0: train classifier", train_cls.run, cfg)
-    for split in splits:
+    clock(f"{prefix}stage 0: train classifier", train_cls.run, cfg)
+    for split in SPLITS:
         gen_list, eval_list = lists[split]
         single = derive(cfg, inference__scales=[1.0], inference__flip=False,
                         fusion__out_subdir=f"fusion_single_{split}", fusion__list=gen_list, fusion__eval_list=eval_list)
-        record(split, "single-scale CAM", timed(f"stage 1 single-scale ({split})", gen_fusion.run, single))
+        record(split, SINGLE, clock(f"{prefix}stage 1 single-scale ({split})", gen_fusion.run, single))
         multi = derive(cfg, fusion__out_subdir=cfg.fusion.out_subdir if split == "train" else f"fusion_{split}",
                        fusion__list=gen_list, fusion__eval_list=eval_list)
-        record(split, "fused multi-scale CAM", timed(f"stage 1 multi-scale ({split})", gen_fusion.run, multi))
+        record(split, FUSED, clock(f"{prefix}stage 1 multi-scale ({split})", gen_fusion.run, multi))
     for denoise in variants:
         name = _variant_name(denoise)
         stage2 = derive(cfg, train_fusion__denoise=denoise, train_fusion__out_subdir=f"train_fusion_{name}")
-        timed(f"stage 2: self-training ({name})", train_fusion.run, stage2)
-        for split in splits:
+        final = clock(f"{prefix}stage 2: self-training ({name})", train_fusion.run, stage2)
+        warning = Path(final).parent / WARNINGS_FILE
+        if warning.is_file():
+            out["warnings"].append(f"{prefix}stage 2 ({name}): {json.loads(warning.read_text())['warning']}")
+        for split in SPLITS:
             gen_list, eval_list = lists[split]
             with_crf = denoise == default_denoise
             stage3 = derive(stage2, pseudo_masks__out_subdir=f"pseudo_masks_{name}_{split}",
                             pseudo_masks__list=gen_list, pseudo_masks__eval_list=eval_list,
                             pseudo_masks__crf=with_crf)
-            result = timed(f"stage 3: pseudo masks{' + CRF' if with_crf else ''} ({name}, {split})", gen_pm.run,
-                           stage3)
-            record(split, f"self-trained ({name.replace('_', ' ')})", result)
+            result = clock(f"{prefix}stage 3: pseudo masks{' + CRF' if with_crf else ''} ({name}, {split})",
+                           gen_pm.run, stage3)
+            record(split, _column(denoise), result)
             if with_crf:
-                miou[split][f"self-trained ({name.replace('_', ' ')}) + CRF"] = result["miou_crf"]
-    summary = {"config": cfg.get("config_name", ""), "work_dir": str(cfg.work_dir),
-               "backbone": cfg.model.backbone, "bg_method": cfg.inference.bg_method,
-               "bg_threshold": cfg.inference.bg_threshold, "default_denoise": default_denoise,
-               "miou": miou, "bg_scores": bg_scores, "timings_s": timings,
-               "total_s": round(sum(timings.values()), 1)}
+                out["miou"][split][_column(denoise) + " + CRF"] = result["miou_crf"]
+                out["folders"][split][_column(denoise) + " + CRF"] = Path(result["out_dir"])
+    if refiners:
+        refine_rows(cfg, clock, out, lists, refiners, prefix)
     if cfg.inference.bg_method != "fixed":
-        npy_dirs = {split: {c: d / CAM_NPY for c, d in cols.items()} for split, cols in folders.items()}
-        summary["miou_fixed"] = fixed_score_comparison(cfg, npy_dirs, float(cfg.inference.bg_threshold), log)
-    figure_split = "val" if folders["val"] else "train"
-    final_column = f"self-trained ({_variant_name(default_denoise).replace('_', ' ')})"
-    summary["figure"] = str(make_figure(cfg, work, folders[figure_split], final_column, figure_rows))
+        npy_dirs = {s: {c: d / CAM_NPY for c, d in cols.items() if c in (SINGLE, FUSED) or
+                        c.startswith("self-trained") and c.endswith(")")} for s, cols in out["folders"].items()}
+        out["miou_fixed"] = fixed_score_comparison(cfg, npy_dirs, float(cfg.inference.bg_threshold), clock.log)
+    return out
+
+
+def refine_rows(cfg, clock: _Clock, out: dict, lists: dict, refiners, prefix: str = "") -> None:
+    """Add ``<source> + PAR``, ``<source> + RW`` and ``<source> + RW + CRF`` columns to a path's result ``out``
+    (in place) for the sources fused multi-scale CAM and the default self-trained setting, on both lists."""
+    from .stages import crf, par, random_walk, train_aff
+
+    bad = [r for r in refiners if r not in REFINERS]
+    if bad:
+        raise ValueError(f"unknown refiner(s) {bad}: expected some of {', '.join(REFINERS)}")
+    sources = {FUSED: "fused", out["default_column"]: "self_trained"}
+    if "rw" in refiners:
+        aff = derive(cfg, train_aff__cam_dir=str(out["folders"]["train"][FUSED] / CAM_NPY),
+                     train_aff__train_list=lists["train"][0])
+        rw_checkpoint = clock(f"{prefix}AffinityNet (on the fused train maps)", train_aff.run, aff)
+    for split in SPLITS:
+        eval_list = lists[split][1]
+        for column, tag in sources.items():
+            source = out["folders"][split][column] / CAM_NPY
+            if "par" in refiners:
+                step = derive(cfg, par__input_dir=str(source), par__out_subdir=f"par_{tag}_{split}",
+                              par__eval_list=eval_list, par__list="")
+                result = clock(f"{prefix}PAR ({tag}, {split})", par.run, step)
+                out["miou"][split][f"{column} + PAR"] = result["miou"]
+                out["folders"][split][f"{column} + PAR"] = Path(result["out_dir"])
+            if "rw" in refiners:
+                step = derive(cfg, random_walk__cam_dir=str(source), random_walk__checkpoint=str(rw_checkpoint),
+                              random_walk__out_subdir=f"rw_{tag}_{split}", random_walk__eval_list=eval_list,
+                              random_walk__list="")
+                result = clock(f"{prefix}random walk ({tag}, {split})", random_walk.run, step)
+                out["miou"][split][f"{column} + RW"] = result["miou"]
+                out["folders"][split][f"{column} + RW"] = Path(result["out_dir"])
+                refine = derive(cfg, crf__input_dir=str(Path(result["out_dir"]) / CAM_PNG), crf__out_subdir="",
+                                crf__output_dir="", crf__eval_list=eval_list)
+                out["miou"][split][f"{column} + RW + CRF"] = clock(f"{prefix}CRF after RW ({tag}, {split})",
+                                                                  crf.run, refine)["miou"]
+
+
+def final_mask_dir(path: dict) -> Path:
+    """The final pseudo masks of a :func:`run_path` result: the default self-trained setting's CRF PNGs of the
+    training list (what stage 4 trains on)."""
+    return Path(path["folders"]["train"][path["default_column"] + " + CRF"]) / CRF_PNG
+
+
+def segmentation_step(cfg, clock: _Clock, masks: str, mask_dir="", prefix: str = "") -> dict:
+    """Stage 4 in ``cfg.work_dir``: ``train_seg`` on ``data.train_list`` with ``masks`` ('pseudo': the label PNGs
+    of ``mask_dir``; 'gt': the ground truth, the fully supervised twin), then ``infer_seg`` of ``data.val_list``,
+    in the folders :data:`SEG_DIRS` names. Both skip finished work (``final.pth``; images whose PNGs exist).
+    Returns ``{'miou', 'miou_crf' (None without infer_seg.crf or val masks), 'train_dir', 'infer_dir'}``."""
+    from .stages import infer_seg, train_seg
+
+    train_sub, infer_sub = SEG_DIRS[masks]
+    step = derive(cfg, train_seg__masks=masks, train_seg__mask_dir=str(mask_dir) if masks == "pseudo" else "",
+                  train_seg__train_list=cfg.data.train_list, train_seg__out_subdir=train_sub,
+                  infer_seg__checkpoint=str(Path(cfg.work_dir) / train_sub / FINAL), infer_seg__out_subdir=infer_sub,
+                  infer_seg__list=cfg.data.val_list, infer_seg__eval_list=cfg.data.val_list)
+    what, tag = (("our pseudo masks", "pseudo masks") if masks == "pseudo" else
+                 ("the ground truth (fully supervised twin)", "fully supervised twin"))
+    final = clock(f"{prefix}stage 4: segmentation network on {what}", train_seg.run, step)
+    result = clock(f"{prefix}stage 4 inference ({tag}, val)", infer_seg.run, step)
+    return {"miou": result["miou"], "miou_crf": result["miou_crf"], "train_dir": str(Path(final).parent),
+            "infer_dir": str(result["out_dir"])}
+
+
+def _ratio(a, b):
+    return None if a is None or not b else round(a / b, 4)
+
+
+def run_pipeline(cfg, denoise_variants=None, figure_rows: int = 4, log=print, methods=None,
+                 baselines: bool = False, refiners=(), segmentation: bool = False) -> dict:
+    """Run and measure every stage of every path. Returns the summary dict (also written to
+    ``<work_dir>/summary.json``): ``{'paths': {method: run_path(...) result}, 'baselines': {split: {name: mIoU}},
+    'timings_s', 'total_s', 'warnings', ...}``; with ``segmentation`` (stage 4, :func:`segmentation_step`) also
+    ``'segmentation': {'network', 'pseudo': {method: result}, 'gt': result, 'ratio': {method: {'miou',
+    'miou_crf'}}}`` (ratio = pseudo / gt val mIoU)."""
+    from . import saliency
+    from .methods import get_method
+
+    work = Path(cfg.work_dir)
+    methods = list(dict.fromkeys(methods or [cfg.train_cls.method]))
+    for m in methods:
+        get_method(m)   # an unknown method, or a bad key of its path overrides, fails before any work
+        apply_overrides(derive(cfg), cfg.pipeline.path_overrides.get(m, []))
+    clock = _Clock(work / "timings.json", log)
+    if baselines or any(get_method(m).needs_saliency for m in methods):
+        clock("saliency maps (train + val)", saliency.run, derive(cfg, saliency__lists=[]))
+    paths, seg_pseudo, seg_warnings = {}, {}, []
+    for m in methods:
+        path_cfg = derive(cfg, train_cls__method=m)
+        # a path's own settings (pipeline.path_overrides.<method>: key=value strings), e.g. its stage-2 lr
+        path_cfg = apply_overrides(path_cfg, cfg.pipeline.path_overrides.get(m, []))
+        if len(methods) > 1:
+            path_cfg = derive(path_cfg, work_dir=str(work / m))
+        prefix = f"{m}: " if len(methods) > 1 else ""
+        paths[m] = run_path(path_cfg, clock, denoise_variants, prefix=prefix, refiners=refiners)
+        if segmentation:
+            seg_pseudo[m] = segmentation_step(path_cfg, clock, "pseudo", final_mask_dir(paths[m]), prefix)
+            changed = config_changes({k: cfg[k] for k in SEG_SECTIONS}, {k: path_cfg[k] for k in SEG_SECTIONS})
+            if changed:
+                seg_warnings.append(f"stage 4 of the {m} path ran with other settings than its fully supervised "
+                                    f"twin ({'; '.join(changed)}): the ratio compares unlike networks")
+    summary = {"config": cfg.get("config_name", ""), "work_dir": str(cfg.work_dir), "backbone": cfg.model.backbone,
+               "bg_method": cfg.inference.bg_method, "bg_threshold": cfg.inference.bg_threshold,
+               "methods": methods, "paths": paths,
+               "warnings": [w for p in paths.values() for w in p["warnings"]] + seg_warnings}
+    if segmentation:   # the twin does not depend on the path: once per run, in the top work_dir
+        gt = segmentation_step(cfg, clock, "gt")
+        sect = cfg.train_seg
+        summary["segmentation"] = {
+            "network": f"{sect.arch} on {cfg.model.backbone} at output stride {cfg.model.output_stride}, "
+                       f"{sect.iterations} iterations of batch {sect.batch_size} at crop {sect.crop}; inference at "
+                       f"scales {list(cfg.infer_seg.scales)}{' x flip' if cfg.infer_seg.flip else ''}",
+            "pseudo": seg_pseudo, "gt": gt,
+            "ratio": {m: {k: _ratio(r[k], gt[k]) for k in ("miou", "miou_crf")} for m, r in seg_pseudo.items()}}
+    if baselines:
+        summary["baselines"] = clock("baselines (saliency x image label)", saliency_baselines, cfg,
+                                     work, paths[methods[0]]["folders"])
+    summary["timings_s"] = clock.timings
+    summary["total_s"] = round(sum(clock.timings.values()), 1)
+    summary["figure"] = str(make_figure(cfg, work, paths, figure_rows, with_saliency=baselines))
+    for p in paths.values():   # Paths -> str for JSON
+        p["folders"] = {s: {c: str(d) for c, d in cols.items()} for s, cols in p["folders"].items()}
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     (work / "summary.md").write_text(format_summary(summary))
     return summary
+
+
+def saliency_baselines(cfg, work: Path, folders: dict) -> dict:
+    """mIoU of the "saliency x image label" masks (:func:`smaf.saliency.saliency_label_mask`; images with
+    several classes split by the fused CAM of ``folders``) on the train and val lists; the masks are written
+    to ``<work>/baseline_saliency_<split>/`` with the per-class report in its ``eval/``."""
+    from .data.voc import VOCLayout
+    from .evaluate import evaluate_folder, write_report
+    from .saliency import write_saliency_baseline
+
+    layout = VOCLayout.from_config(cfg)
+    names = ["background"] + layout.class_names
+    out = {}
+    for split, lst in (("train", cfg.data.infer_list), ("val", cfg.data.val_list)):
+        ids = layout.read_list(lst)
+        if not layout.has_masks(ids):
+            continue
+        folder = work / f"baseline_saliency_{split}"
+        write_saliency_baseline(layout, ids, folder / CAM_PNG, folders[split][FUSED] / CAM_NPY)
+        result = evaluate_folder(folder / CAM_PNG, layout.mask_dir, ids, names, desc=f"baseline ({split})")
+        write_report(result, folder / "eval", CAM_PNG)
+        out[split] = {SALIENCY_BASELINE: result["miou"]}
+    return out
 
 
 def fixed_score_comparison(cfg, npy_dirs: dict, threshold: float, log=print) -> dict:
@@ -131,32 +312,56 @@ def _bg_rule_line(summary: dict) -> str:
         return (f"background threshold {summary['bg_threshold']:.2f} (fixed by the config, not tuned on ground "
                 f"truth)")
     spread = []
-    for split, columns in summary.get("bg_scores", {}).items():
-        for column, s in columns.items():
-            spread.append(f"{column} ({split}) {s['median']:.2f} [{s['p10']:.2f}-{s['p90']:.2f}]")
+    several = len(summary["paths"]) > 1
+    for method, path in summary["paths"].items():
+        for split, columns in path.get("bg_scores", {}).items():
+            for column, s in columns.items():
+                spread.append(f"{method + ' ' if several else ''}{column} ({split}) {s['median']:.2f} "
+                              f"[{s['p10']:.2f}-{s['p90']:.2f}]")
     return ("background threshold: per-image Otsu threshold of each image's own fused map (config "
             "`inference.bg_method: otsu`; no ground truth involved). Median [10th-90th percentile] of the "
             "thresholds used: " + "; ".join(spread))
 
 
 def format_summary(summary: dict) -> str:
-    """Markdown table: one column per method, one row per split (and per split at the fixed score when the
-    config's rule is per-image); then the background rule and the stage timings."""
-    splits = list(summary["miou"])
-    columns = list(dict.fromkeys(k for s in splits for k in summary["miou"][s]))
+    """Markdown: one column per stage, one row per path and split (and per split at the fixed score when the
+    config's rule is per-image); the baselines; warnings; the background rule and the stage timings."""
+    paths = summary["paths"]
+    several = len(paths) > 1
+    every = list(dict.fromkeys(c for p in paths.values() for s in p["miou"] for c in p["miou"][s]))
+    refined = [c for c in every if c.endswith(("+ PAR", "+ RW", "+ RW + CRF"))]
+    columns = [c for c in every if c not in refined]
     columns.sort(key=lambda c: c.endswith("+ CRF"))   # stable: the CRF column last, as the final masks
-    lines = [f"| mIoU (%) | {' | '.join(columns)} |", "|---" * (len(columns) + 1) + "|"]
-    fixed = summary.get("miou_fixed") or {}
 
-    def row(label, values):
-        cells = [values.get(c) for c in columns]
-        return f"| {label} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in cells) + " |"
+    def table(cols, with_fixed):
+        out = [f"| mIoU (%) | {' | '.join(cols)} |", "|---" * (len(cols) + 1) + "|"]
 
-    for split in splits:
-        lines.append(row(split, summary["miou"][split]))
-    for split in splits:
-        if split in fixed:
-            lines.append(row(f"{split}, fixed {summary['bg_threshold']:.2f} (comparison)", fixed[split]))
+        def row(label, values):
+            cells = [values.get(c) for c in cols]
+            return f"| {label} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in cells) + " |"
+
+        for method, path in paths.items():
+            name = f"{method} path, " if several else ""
+            for split in path["miou"]:
+                out.append(row(f"{name}{split}", path["miou"][split]))
+            for split, values in (path.get("miou_fixed") or {}).items() if with_fixed else ():
+                out.append(row(f"{name}{split}, fixed {summary['bg_threshold']:.2f} (comparison)", values))
+        return out
+
+    lines = table(columns, True)
+    if refined:
+        crf_cols = [c for c in columns if c.endswith("+ CRF")]
+        lines += ["", "Refiners (same maps; no threshold tuned on ground truth):", ""] + table(crf_cols + refined, False)
+    baselines = summary.get("baselines") or {}
+    if baselines:
+        names = list(dict.fromkeys(n for v in baselines.values() for n in v))
+        lines += ["", "| baseline (no training) | " + " | ".join(baselines) + " |", "|---" * (len(baselines) + 1) + "|"]
+        for n in names:
+            lines.append(f"| {n} | " + " | ".join(f"{baselines[s][n]:.2f}" for s in baselines) + " |")
+    if summary.get("segmentation"):
+        lines += [""] + segmentation_table(summary)
+    for warning in summary.get("warnings") or []:
+        lines += ["", f"**warning**: {warning}"]
     lines += ["", _bg_rule_line(summary) + f"; backbone {summary['backbone']}", "", "| stage | wall time (s) |",
               "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in summary["timings_s"].items()]
@@ -164,29 +369,72 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def make_figure(cfg, work: Path, folders: dict, final_column: str, rows: int) -> Path:
-    """Grid of images of one split: image | ground truth | single-scale CAM | fused CAM | final mask (+CRF).
-    ``folders``: column name -> stage folder (as :func:`run_pipeline` records them)."""
+def segmentation_table(summary: dict) -> list[str]:
+    """Markdown lines of the stage-4 table: val mIoU (and after the CRF) of the network trained on each path's
+    pseudo masks and on the ground truth, their ratio, and a sentence on what it means."""
+    seg = summary["segmentation"]
+    several = len(seg["pseudo"]) > 1
+
+    def cells(values, ratio=False):
+        return " | ".join("-" if values.get(k) is None else f"{100 * values[k]:.1f}%" if ratio else
+                          f"{values[k]:.2f}" for k in ("miou", "miou_crf"))
+
+    lines = [f"Stage 4, the segmentation network ({seg['network']}):", "",
+             "| stage 4: val mIoU (%) | network | + CRF |", "|---|---|---|"]
+    for m, result in seg["pseudo"].items():
+        lines.append(f"| {SEG_ROWS['pseudo']}{f' ({m} path)' if several else ''} | {cells(result)} |")
+    lines.append(f"| {SEG_ROWS['gt']} | {cells(seg['gt'])} |")
+    for m, ratio in seg["ratio"].items():
+        lines.append(f"| ratio pseudo / ground truth{f' ({m} path)' if several else ''} | {cells(ratio, True)} |")
+    own = []
+    for m, path in summary["paths"].items():
+        value = path["miou"].get("val", {}).get(path["default_column"] + " + CRF")
+        if value is not None:
+            own.append(f"{value:.2f}{f' ({m})' if several else ''}")
+    lines += ["", "The same network, schedule and inference, trained once on our final pseudo masks of the "
+              "training images (made from image-level labels only) and once on their ground-truth masks; the "
+              "ratio is the share of the fully supervised val mIoU that the weak labels reach (100% = they cost "
+              "nothing)." + (f" For reference, the pseudo masks themselves score {', '.join(own)} on val (the "
+                             f"first table; they need each image's labels, the network does not)." if own else "")]
+    return lines
+
+
+def make_figure(cfg, work: Path, paths: dict, rows: int, with_saliency: bool = False) -> Path:
+    """Grid of validation images (training images when there is no validation run): image | ground truth |
+    [saliency x label] | per path: single-scale CAM, fused CAM, final mask (+CRF)."""
     from .data.voc import VOCLayout
     from .io import load_cam_dict, load_label_png, make_panel, overlay, save_image
 
     layout = VOCLayout.from_config(cfg)
-    final_dir = folders[final_column]
-    final_sub = CRF_PNG if (final_dir / CRF_PNG).is_dir() else CAM_PNG
-    ids = sorted(p.stem for p in (final_dir / final_sub).glob("*.png"))[:rows]
+    first = next(iter(paths.values()))
+    split = "val" if first["folders"]["val"] else "train"
+    final_dirs = {m: Path(p["folders"][split][p["default_column"]]) for m, p in paths.items()}
+    sub = {m: CRF_PNG if (d / CRF_PNG).is_dir() else CAM_PNG for m, d in final_dirs.items()}
+    m0 = next(iter(paths))
+    ids = sorted(p.stem for p in (final_dirs[m0] / sub[m0]).glob("*.png"))[:rows]
+    several = len(paths) > 1
     strips = []
     for image_id in ids:
         image = layout.load_image(image_id)
-        tiles = [image]
+        tiles, titles = [image], ["image"]
         gt_path = layout.mask_path(image_id)
         tiles.append(overlay(image, label=load_label_png(gt_path)) if gt_path and gt_path.is_file() else image)
-        for column in ("single-scale CAM", "fused multi-scale CAM"):
-            cams = load_cam_dict(folders[column] / CAM_NPY / f"{image_id}.npy")
-            heat = np.max(np.stack(list(cams.values())), 0) if cams else np.zeros(image.shape[:2], np.float32)
-            tiles.append(overlay(image, heat=heat))
-        tiles.append(overlay(image, label=load_label_png(final_dir / final_sub / f"{image_id}.png")))
-        strips.append(make_panel(tiles, ["image", "ground truth", "single-scale CAM", "fused CAM",
-                                         "final mask" + (" (CRF)" if final_sub == CRF_PNG else "")]))
+        titles.append("ground truth")
+        baseline = work / f"baseline_saliency_{split}" / CAM_PNG / f"{image_id}.png"
+        if with_saliency and baseline.is_file():
+            tiles.append(overlay(image, label=load_label_png(baseline)))
+            titles.append("saliency x label")
+        for m, p in paths.items():
+            for column, title in ((SINGLE, "single-scale CAM"), (FUSED, "fused CAM")):
+                if several and column == SINGLE:
+                    continue
+                cams = load_cam_dict(Path(p["folders"][split][column]) / CAM_NPY / f"{image_id}.npy")
+                heat = np.max(np.stack(list(cams.values())), 0) if cams else np.zeros(image.shape[:2], np.float32)
+                tiles.append(overlay(image, heat=heat))
+                titles.append(f"{m}: {title}" if several else title)
+            tiles.append(overlay(image, label=load_label_png(final_dirs[m] / sub[m] / f"{image_id}.png")))
+            titles.append((f"{m}: " if several else "") + "final mask" + (" (CRF)" if sub[m] == CRF_PNG else ""))
+        strips.append(make_panel(tiles, titles))
     if not strips:
         return Path()
     width = max(s.shape[1] for s in strips)
@@ -196,10 +444,20 @@ def make_figure(cfg, work: Path, folders: dict, final_column: str, rows: int) ->
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Run and measure the whole pipeline (stages 0-3 + CRF).")
+    parser = argparse.ArgumentParser(description="Run and measure the whole pipeline (stages 0-3 + CRF; "
+                                                 "--segmentation: stage 4 too).")
     parser.add_argument("--config", default=os.environ.get("CONFIG", "demo"))
+    parser.add_argument("--methods", default="",
+                        help="comma list of stage-0 paths, e.g. cam,eps (default: the config's train_cls.method)")
     parser.add_argument("--denoise", choices=("default", "both"), default="default",
                         help="stage 2 with the config's denoise setting only, or with both settings (ablation)")
+    parser.add_argument("--refiners", default="",
+                        help=f"comma list of refiners to chain after stages 1 and 3: {', '.join(REFINERS)}")
+    parser.add_argument("--baselines", action="store_true",
+                        help="also score the saliency x image label baseline (runs the saliency step)")
+    parser.add_argument("--segmentation", action="store_true",
+                        help="also stage 4: the segmentation network on each path's final pseudo masks and, once, "
+                             "its fully supervised twin on the ground truth; val mIoU and their ratio")
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     args = parser.parse_args(argv)
     from .runtime import expected_errors
@@ -207,7 +465,10 @@ def main(argv=None) -> None:
     with expected_errors():
         cfg = load_config(args.config, args.overrides)
         variants = [False, True] if args.denoise == "both" else None
-        summary = run_pipeline(cfg, variants)
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()] or None
+        refiners = [r.strip() for r in args.refiners.split(",") if r.strip()]
+        summary = run_pipeline(cfg, variants, methods=methods, baselines=args.baselines, refiners=refiners,
+                               segmentation=args.segmentation)
     print()
     print(format_summary(summary))
     print(f"overlays: {summary['work_dir']}/*/overlays/   figure: {summary['figure']}   "

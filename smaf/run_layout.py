@@ -8,6 +8,11 @@ stage's config section)::
     <fusion>/        config.yaml log.txt cam_npy/ cam_png/ proto_stats/ prototypes.pt overlays/ eval/
     <train_fusion>/  config.yaml log.txt metrics.jsonl final.pth final_teacher.pth checkpoints/
     <pseudo_masks>/  config.yaml log.txt cam_npy/ cam_png/ crf_png/ overlays/ eval/
+    <par>/           config.yaml log.txt cam_npy/ (refined maps) cam_png/ overlays/ eval/
+    <train_aff>/     config.yaml log.txt metrics.jsonl aff_labels/ final.pth checkpoints/
+    <random_walk>/   config.yaml log.txt cam_npy/ (walked maps) cam_png/ overlays/ eval/
+    <train_seg>/     config.yaml log.txt metrics.jsonl final.pth checkpoints/
+    <infer_seg>/     config.yaml log.txt seg_png/ crf_png/ overlays/ eval/ speed.json
 
 A stage reads its own section plus the shared ones (``data``, ``model``, ``inference``); where it consumes
 another stage's output it reads an explicit key of its own section (``fusion.checkpoint``,
@@ -31,6 +36,9 @@ EVAL = "eval"                  # <name>.json reports of smaf.evaluate
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "log.txt"
 METRICS_FILE = "metrics.jsonl"
+WARNINGS_FILE = "warnings.json"   # a training stage stopped by its guard (e.g. stage 2's collapse check) says why
+AFF_LABELS = "aff_labels"      # AffinityNet labels: PNGs 0 (confident bg), c+1 (confident class c), 255 (unknown)
+SEG_PNG = "seg_png"            # stage-4 predictions: argmax of the segmentation network's averaged probabilities
 
 #: How a person runs each stage (for "run it first" messages), by config section.
 STAGE_COMMANDS = {
@@ -39,6 +47,11 @@ STAGE_COMMANDS = {
     "train_fusion": "stage 2 (bash script/train_fusion.sh)",
     "pseudo_masks": "stage 3 (bash script/gen_pm.sh)",
     "crf": "the CRF step (bash script/crf.sh)",
+    "par": "the PAR step (bash script/par.sh)",
+    "train_aff": "AffinityNet training (bash script/train_aff.sh)",
+    "random_walk": "the random walk (bash script/random_walk.sh)",
+    "train_seg": "stage 4 (bash script/train_seg.sh)",
+    "infer_seg": "stage 4 inference (bash script/infer_seg.sh)",
 }
 
 #: ``(section, key)`` -> ``(producing section, artifact)``: the default of each input key ('' in the config).
@@ -49,6 +62,12 @@ DEFAULT_INPUTS = {
     ("train_fusion", "fusion_dir"): ("fusion", ""),
     ("pseudo_masks", "checkpoint"): ("train_fusion", FINAL),
     ("crf", "input_dir"): ("pseudo_masks", CAM_PNG),
+    ("par", "input_dir"): ("fusion", CAM_NPY),
+    ("train_aff", "cam_dir"): ("fusion", CAM_NPY),
+    ("random_walk", "checkpoint"): ("train_aff", FINAL),
+    ("random_walk", "cam_dir"): ("fusion", CAM_NPY),
+    ("train_seg", "mask_dir"): ("pseudo_masks", CRF_PNG),
+    ("infer_seg", "checkpoint"): ("train_seg", FINAL),
 }
 
 

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -42,6 +43,24 @@ def one_line(text) -> str:
     return " ".join(str(text).split())
 
 
+_WORKER_RE = re.compile(r"^Caught (\w+) (in DataLoader worker process \d+)\.")
+_LAST_LINE_RE = re.compile(r"^[\w.]+: (.*)$", re.S)
+
+
+def error_message(err: BaseException) -> str:
+    """The one-line message of an expected error. An error re-raised from a DataLoader worker carries the
+    worker's whole traceback as its message (``Caught FileNotFoundError in DataLoader worker process 1.
+    Original Traceback ...``); its original message (the last line, which names the file) is used instead."""
+    text = str(err)
+    found = _WORKER_RE.match(text)
+    if found:
+        lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+        last = _LAST_LINE_RE.match(lines[-1].strip()) if lines else None
+        if last:
+            return f"{one_line(last.group(1))} ({found.group(2)})"
+    return one_line(text) or err.__class__.__name__
+
+
 @contextlib.contextmanager
 def expected_errors():
     """Turn an expected error into one ``error: ...`` line on stderr and exit status :data:`EXIT_EXPECTED_ERROR`;
@@ -51,7 +70,7 @@ def expected_errors():
     except (SmafError, *_BUILTIN_EXPECTED) as err:
         if os.environ.get("SMAF_DEBUG"):
             raise
-        print(f"error: {one_line(err) or err.__class__.__name__}", file=sys.stderr)
+        print(f"error: {error_message(err)}", file=sys.stderr)
         sys.exit(EXIT_EXPECTED_ERROR)
 
 
@@ -106,25 +125,48 @@ def pick(value, default):
 
 
 # ------------------------------------------------------------------------------------------- stages
-def prepare_output(cfg, section: str, name: str | None = None):
+def check_positive(sect, section: str, keys=(), non_negative=()) -> None:
+    """ConfigError naming ``<section>.<key>`` for a value of ``keys`` below 1 or of ``non_negative`` below 0
+    (values that must be whole numbers)."""
+    from .config import ConfigError
+
+    for key, low in [(k, 1) for k in keys] + [(k, 0) for k in non_negative]:
+        if key not in sect:
+            continue
+        value = sect[key]
+        try:
+            number = int(value)
+            ok = number == float(value) and number >= low
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            what = "a whole number >= 1" if low else "a whole number >= 0 (0 disables it)"
+            raise ConfigError(f"{section}.{key}={value!r}: must be {what}")
+
+
+def prepare_output(cfg, section: str, name: str | None = None, layout=None):
     """Set up a stage whose outputs go to the folder of config section ``section`` (:class:`smaf.run_layout.RunLayout`).
 
-    Checks the dataset root, joins the process group (under torchrun), creates the folder, saves the resolved
-    config there (rank 0), warns when the folder's outputs were made under another config, and returns
-    ``(out_dir, logger, device, layout)``. A bad dataset root fails before anything is written."""
+    Checks the dataset root, joins the process group (under torchrun), creates the folder, removes the temp
+    files an interrupted run left in it, saves the resolved config there (rank 0), warns when the folder's
+    outputs were made under another config, and returns ``(out_dir, logger, device, layout)``. A bad dataset
+    root fails before anything is written; a stage that checks more of its inputs first (ids, images,
+    checkpoints) builds the layout itself and passes it as ``layout``."""
     import yaml
 
     from . import dist
     from .config import config_changes, save_config
     from .data.voc import VOCLayout
+    from .io import remove_stale_temp_files
     from .run_layout import RunLayout
 
-    layout = VOCLayout.from_config(cfg)
+    layout = layout if layout is not None else VOCLayout.from_config(cfg)
     device = dist.init_from_env(cfg.device)
     out_dir = RunLayout(cfg).stage_dir(section)
-    changes = []
+    changes, stale = [], []
     if dist.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
+        stale = remove_stale_temp_files(out_dir)
         previous = out_dir / "config.yaml"
         if previous.is_file():
             try:
@@ -135,6 +177,8 @@ def prepare_output(cfg, section: str, name: str | None = None):
     dist.barrier()
     logger = get_logger(name or section, out_dir / "log.txt")
     logger.info("output folder %s | device %s | world size %d", out_dir, device, dist.world_size())
+    if stale:
+        logger.info("removed %d temp file(s) an interrupted run left (e.g. %s)", len(stale), stale[0])
     if changes:
         # Finished outputs are reused (resume), so outputs made under the old settings would silently stay.
         logger.warning("the config differs from the one this folder's outputs were made with (%s); finished "

@@ -188,6 +188,9 @@ def run(cfg) -> dict:
     ids = list(dict.fromkeys(i for lst in lists if lst for i in layout.read_list(lst)))
     out_dir = layout.saliency_dir
     log = get_logger("saliency")
+    if all((out_dir / f"{i}.png").is_file() for i in ids):
+        log.info("saliency maps of all %d images already in %s", len(ids), out_dir)
+        return {"out_dir": out_dir, "written": 0, "total": len(ids)}
     detector = SaliencyDetector(pick(sect.model, ""), sect.device, sect.threads)
     log.info("saliency maps of %d images -> %s (%s, %s)", len(ids), out_dir, detector.path.name,
              ", ".join(detector.providers))

@@ -11,6 +11,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SMAF_SHARED", REPO_ROOT.parent / "shared"))
 PETS_ROOT = SHARED / "data" / "pets"
 VOC_META = SHARED / "data" / "voc12"
+MSRC_ROOT = SHARED / "data" / "msrc"
 
 
 @pytest.fixture
@@ -19,6 +20,14 @@ def pets_root() -> Path:
     if not (PETS_ROOT / "JPEGImages").is_dir():
         pytest.skip(f"real Pet subset not found at {PETS_ROOT} (../shared beside the repo, or set SMAF_SHARED)")
     return PETS_ROOT
+
+
+@pytest.fixture
+def msrc_root() -> Path:
+    """The real MSRC-v2 set mapped to VOC classes, VOC layout (skips when ../shared is absent)."""
+    if not (MSRC_ROOT / "JPEGImages").is_dir():
+        pytest.skip(f"real MSRC set not found at {MSRC_ROOT} (../shared beside the repo, or set SMAF_SHARED)")
+    return MSRC_ROOT
 
 
 @pytest.fixture

@@ -321,3 +321,51 @@ def test_every_entry_point_exits_with_the_same_status_for_an_expected_error(tmp_
         assert out.returncode == EXIT_EXPECTED_ERROR == 2, (cmd, out.stderr)
         lines = out.stderr.strip().splitlines()
         assert lines[-1].startswith("error:") and "Traceback" not in out.stderr, (cmd, out.stderr)
+
+
+# ------------------------------------------------------------------------------------------ fidelity
+def test_multi_scale_inputs_are_resized_exactly_as_pil_bicubic(tiny_voc):
+    from PIL import Image
+
+    from smaf.data.transforms import normalize
+    from smaf.data.voc import InferenceDataset, VOCLayout
+
+    layout = VOCLayout(tiny_voc)
+    ids = layout.read_list(tiny_voc / "ImageSets/Segmentation/val.txt")[:2]
+    scales = load_config("voc12").inference.scales
+    for sample in InferenceDataset(layout, ids, scales=scales, resize="pil"):
+        image = sample["image"]
+        h, w = image.shape[:2]
+        for s, x in zip(scales, sample["scaled"]):
+            size = (max(1, round(w * s)), max(1, round(h * s)))
+            ref = np.asarray(Image.fromarray(image).resize(size, resample=Image.BICUBIC)) if s != 1 else image
+            np.testing.assert_array_equal(x.numpy(), normalize(ref))       # tolerance 0: PIL itself
+    cv2_sample = InferenceDataset(layout, ids[:1], scales=(0.5,), resize="cv2")[0]
+    pil_sample = InferenceDataset(layout, ids[:1], scales=(0.5,), resize="pil")[0]
+    assert not torch.equal(cv2_sample["scaled"][0], pil_sample["scaled"][0])   # the two kernels differ
+
+
+def test_crf_with_all_labels_equals_the_reference_construction():
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_labels
+
+    from smaf.refine import CRFLabelRefiner, CRFParams
+
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)
+    label = np.zeros((24, 32), np.uint8)
+    label[5:18, 6:20] = 13
+    label[rng.random(label.shape) < 0.1] = 4
+    # the reference: unary over all 21 labels, gt_prob 0.7, Gaussian 3/3, bilateral 50/5/10, 10 iterations
+    crf = dcrf.DenseCRF2D(32, 24, 21)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_labels(label, 21, gt_prob=0.7, zero_unsure=False)))
+    crf.addPairwiseGaussian(sxy=3, compat=3)
+    crf.addPairwiseBilateral(sxy=50, srgb=5, rgbim=np.ascontiguousarray(image), compat=10)
+    expected = np.array(crf.inference(10)).reshape(21, 24, 32).argmax(0)
+    cfg = load_config("voc12", ["crf.unary_labels=all"]).crf
+    ours = CRFLabelRefiner.from_config(cfg, 20)(image, label, [3, 12])
+    np.testing.assert_array_equal(ours, expected)
+    own_labels = CRFLabelRefiner(CRFParams())(image, label, [3, 12])
+    assert set(np.unique(own_labels)) <= {0, 4, 13}
+    with pytest.raises(ConfigError, match="crf.unary_labels='some'"):
+        CRFLabelRefiner.from_config(load_config("voc12", ["crf.unary_labels=some"]).crf, 20)

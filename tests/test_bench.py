@@ -83,12 +83,14 @@ def test_baseline_matches_the_fused_path_on_one_image():
     image = np.random.default_rng(0).integers(0, 255, (45, 61, 3), dtype=np.uint8)
     labels = np.array([1, 0, 0, 1], np.float32)
     scales = (0.5, 1.0, 1.5)
-    classes, maps = baseline_fused(model, image, labels, scales, True, torch.device("cpu"))
-    scaled = [torch.from_numpy(normalize(resize_image(image, (round(45 * s), round(61 * s))))) for s in scales]
-    result = fuse_image(model, scaled, torch.from_numpy(labels), (45, 61))
-    assert classes == result.classes == [0, 3]
-    np.testing.assert_allclose(maps, result.maps.numpy(), atol=1e-5)
-    np.testing.assert_array_equal(baseline_label(classes, maps, 0.2), label_from_maps(result, 0.2).numpy())
+    for resize in ("pil", "cv2"):   # the baseline resizes as the config says (the reference: PIL bicubic)
+        classes, maps = baseline_fused(model, image, labels, scales, True, torch.device("cpu"), resize=resize)
+        scaled = [torch.from_numpy(normalize(resize_image(image, (round(45 * s), round(61 * s)), resize)))
+                  for s in scales]
+        result = fuse_image(model, scaled, torch.from_numpy(labels), (45, 61))
+        assert classes == result.classes == [0, 3]
+        np.testing.assert_allclose(maps, result.maps.numpy(), atol=1e-5)
+        np.testing.assert_array_equal(baseline_label(classes, maps, 0.2), label_from_maps(result, 0.2).numpy())
 
 
 def test_bad_section_is_a_usage_error():

@@ -41,12 +41,13 @@ def tiny_model(head: str, num_classes: int = 5, seed: int = 0) -> CAMNet:
     return model.eval()
 
 
-def numpy_fused(model, image, labels, scales=SCALES, flip=True):
-    """Straightforward reference: one forward per scale and flip, post-processing in NumPy."""
+def numpy_fused(model, image, labels, scales=SCALES, flip=True, resize="cv2"):
+    """Straightforward reference: one forward per scale and flip, post-processing in NumPy (``resize``: the
+    image resize of the multi-scale inputs, ``inference.resize``)."""
     h, w = image.shape[:2]
     total = np.zeros((len(labels), h, w), np.float64)
     for s in scales:
-        scaled = resize_image(image, (max(1, round(h * s)), max(1, round(w * s))))
+        scaled = resize_image(image, (max(1, round(h * s)), max(1, round(w * s))), resize)
         for flipped in ((False, True) if flip else (False,)):
             x = normalize(scaled[:, ::-1] if flipped else scaled)
             with torch.no_grad():
@@ -133,7 +134,7 @@ def test_stage1_outputs_match_reference_prototypes_and_resume(tiny_voc, tmp_path
     for image_id in ids:
         image = layout.load_image(image_id)
         labels = layout.labels[image_id]
-        expected = numpy_fused(model, image, labels)
+        expected = numpy_fused(model, image, labels, resize=cfg.inference.resize)
         cams = load_cam_dict(out_dir / "cam_npy" / f"{image_id}.npy")
         assert sorted(cams) == np.nonzero(labels)[0].tolist()
         for c, m in cams.items():

@@ -239,17 +239,19 @@ def test_pipeline_runner_measures_every_stage(tiny_voc, tmp_path):
     cfg = tiny_cfg(tiny_voc, tmp_path, "train_cls.iterations=2", "train_fusion.iterations=2",
                    "train_cls.val_every=0", "train_fusion.val_every=0", "inference.scales=[0.5,1.0]")
     summary = run_pipeline(cfg, denoise_variants=[False, True], figure_rows=2, log=lambda _: None)
-    assert set(summary["miou"]) == {"train", "val"}
-    row = summary["miou"]["val"]
+    assert summary["methods"] == ["eps"] and list(summary["paths"]) == ["eps"]
+    path = summary["paths"]["eps"]
+    assert set(path["miou"]) == {"train", "val"}
+    row = path["miou"]["val"]
     assert set(row) == {"single-scale CAM", "fused multi-scale CAM", "self-trained (denoise off)",
                         "self-trained (denoise on)", "self-trained (denoise off) + CRF"}
     assert all(0.0 <= v <= 100.0 for v in row.values())
-    assert len(summary["timings_s"]) == 1 + 4 + 2 + 4 and all(t >= 0 for t in summary["timings_s"].values())
+    assert len(summary["timings_s"]) == 1 + 4 + 2 + 4 + 1 and all(t >= 0 for t in summary["timings_s"].values())
     table = format_summary(summary)
     assert "| val |" in table and "per-image Otsu" in table and "no ground truth" in table
     # the demo config's per-image rule is set beside the fixed score, on the same saved maps (no CRF there)
     assert summary["bg_method"] == "otsu"
-    fixed = summary["miou_fixed"]["val"]
+    fixed = path["miou_fixed"]["val"]
     assert set(fixed) == set(row) - {"self-trained (denoise off) + CRF"}
     assert "| val, fixed 0.20 (comparison) |" in table
     from smaf.data.voc import VOCLayout
@@ -260,9 +262,9 @@ def test_pipeline_runner_measures_every_stage(tiny_voc, tmp_path):
                              layout.read_list(cfg.data.val_list), ["background"] + layout.class_names,
                              bg_threshold=0.2)["miou"]
     assert fixed["fused multi-scale CAM"] == pytest.approx(direct)
-    scores = summary["bg_scores"]["val"]["fused multi-scale CAM"]
+    scores = path["bg_scores"]["val"]["fused multi-scale CAM"]
     assert 0 < scores["p10"] <= scores["median"] <= scores["p90"] < 1
-    fixed_rule = dict(summary, bg_method="fixed", miou_fixed={})
+    fixed_rule = dict(summary, bg_method="fixed", paths={"eps": dict(path, miou_fixed={})})
     assert "background threshold 0.20 (fixed by the config, not tuned on ground truth)" in format_summary(fixed_rule)
     assert (tmp_path / "summary.json").is_file() and (tmp_path / "summary.md").read_text() == table
     assert (tmp_path / "figure.jpg").is_file()
@@ -270,6 +272,81 @@ def test_pipeline_runner_measures_every_stage(tiny_voc, tmp_path):
     assert (tmp_path / "train_fusion_denoise_on" / "final.pth").is_file()
     assert (tmp_path / "pseudo_masks_denoise_off_val" / "crf_png").is_dir()
     assert not (tmp_path / "pseudo_masks_denoise_on_val" / "crf_png").exists()
+
+
+#: A tiny stage 4 (a few iterations at a small crop, single-scale inference + CRF) for the runner's tests.
+TINY_SEG = ("train_seg.crop=48", "train_seg.base_long=64", "train_seg.scale_range=[1.0,1.0]", "train_seg.batch_size=2",
+            "train_seg.iterations=2", "train_seg.ckpt_every=0", "train_seg.val_every=0", "train_seg.log_every=1",
+            "infer_seg.base_long=64", "infer_seg.scales=[1.0]", "infer_seg.flip=false", "infer_seg.crf_workers=1",
+            "infer_seg.overlays=1")
+
+
+def test_pipeline_runner_adds_stage4_and_its_fully_supervised_twin_once(tiny_voc, tmp_path, monkeypatch):
+    import json
+
+    import yaml
+
+    import smaf.pipeline as pipeline_module
+    from smaf.pipeline import _Clock, format_summary, run_pipeline, segmentation_step
+
+    cfg = tiny_cfg(tiny_voc, tmp_path, "train_cls.iterations=2", "train_fusion.iterations=2",
+                   "train_cls.val_every=0", "train_fusion.val_every=0", "inference.scales=[1.0]",
+                   "inference.flip=false", *TINY_SEG)
+    summary = run_pipeline(cfg, figure_rows=1, log=lambda _: None, methods=["cam", "eps"], segmentation=True)
+    seg = summary["segmentation"]
+    assert set(seg) == {"network", "pseudo", "gt", "ratio"} and list(seg["pseudo"]) == ["cam", "eps"]
+    for result in [seg["gt"], *seg["pseudo"].values()]:
+        assert 0.0 <= result["miou"] <= 100.0 and 0.0 <= result["miou_crf"] <= 100.0
+    for m, ratio in seg["ratio"].items():
+        for key in ("miou", "miou_crf"):
+            assert ratio[key] == pytest.approx(seg["pseudo"][m][key] / seg["gt"][key], abs=1e-4)
+    # timed by the runner: train + val inference per path, and the twin once (not per path)
+    stage4 = [k for k in summary["timings_s"] if "stage 4" in k]
+    assert len(stage4) == 2 * 2 + 2 and sum("fully supervised twin" in k for k in stage4) == 2
+    assert not any("stage 4" in w for w in summary["warnings"])   # the paths' stage 4 = the twin's settings
+    # folders: each path's network in its own work_dir, trained on that path's final (CRF) train masks
+    val_ids = (tiny_voc / "ImageSets/Segmentation/val.txt").read_text().split()
+    for m in ("cam", "eps"):
+        train_dir, infer_dir = tmp_path / m / "train_seg", tmp_path / m / "infer_seg"
+        assert seg["pseudo"][m]["train_dir"] == str(train_dir) and (train_dir / "final.pth").is_file()
+        saved = yaml.safe_load((train_dir / "config.yaml").read_text())["train_seg"]
+        assert saved["masks"] == "pseudo"
+        assert saved["mask_dir"] == str(tmp_path / m / "pseudo_masks_denoise_off_train" / "crf_png")
+        for sub in ("seg_png", "crf_png"):
+            assert sorted(p.stem for p in (infer_dir / sub).glob("*.png")) == sorted(val_ids)
+        assert not (tmp_path / m / "train_seg_gt").exists()
+    assert (tmp_path / "train_seg_gt" / "final.pth").is_file()
+    assert yaml.safe_load((tmp_path / "train_seg_gt" / "config.yaml").read_text())["train_seg"]["masks"] == "gt"
+    assert (tmp_path / "infer_seg_gt" / "eval" / "crf_png.json").is_file()
+    assert json.loads((tmp_path / "summary.json").read_text())["segmentation"] == seg
+    table = format_summary(summary)
+    assert (tmp_path / "summary.md").read_text() == table
+    for row in ("| trained on our pseudo masks (cam path) |", "| trained on our pseudo masks (eps path) |",
+                "| trained on ground truth (fully supervised) |", "| ratio pseudo / ground truth (eps path) |"):
+        assert row in table
+    assert "share of the fully supervised val mIoU" in table and "| stage 4: val mIoU (%) | network | + CRF |" in table
+    one = dict(summary, paths={"eps": summary["paths"]["eps"]},
+               segmentation=dict(seg, pseudo={"eps": seg["pseudo"]["eps"]}, ratio={"eps": seg["ratio"]["eps"]}))
+    assert "| trained on our pseudo masks |" in format_summary(one)
+    assert "Stage 4, the segmentation network" not in format_summary(dict(summary, segmentation=None))
+    # a rerun skips finished work: the twin's weights stay, its val images are not segmented again
+    final = tmp_path / "train_seg_gt" / "final.pth"
+    before = final.stat().st_mtime_ns
+    again = segmentation_step(cfg, _Clock(tmp_path / "timings.json", lambda _: None), "gt")
+    assert final.stat().st_mtime_ns == before and again["miou"] == pytest.approx(seg["gt"]["miou"])
+    log = (tmp_path / "infer_seg_gt" / "log.txt").read_text()
+    assert f"{len(val_ids)} of {len(val_ids)} images already done" in log
+    # the command-line flag reaches run_pipeline
+    seen = {}
+
+    def fake_run_pipeline(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop after recording")
+
+    monkeypatch.setattr(pipeline_module, "run_pipeline", fake_run_pipeline)
+    with pytest.raises(RuntimeError, match="stop after recording"):
+        pipeline_module.main(["--config", "demo", "--segmentation", f"work_dir={tmp_path / 'cli'}"])
+    assert seen["segmentation"] is True
 
 
 def test_reused_outputs_made_under_another_config_are_flagged(tiny_voc, tmp_path):
@@ -283,3 +360,30 @@ def test_reused_outputs_made_under_another_config_are_flagged(tiny_voc, tmp_path
     warning = [ln for ln in log_file.read_text().splitlines() if "differs" in ln]
     assert len(warning) == 1 and "inference.bg_method: 'otsu' -> 'fixed'" in warning[0]
     assert str(tmp_path / "fusion") in warning[0]
+
+
+def test_path_overrides_apply_to_their_path_only_and_fail_before_any_work(tiny_voc, tmp_path, monkeypatch):
+    import smaf.pipeline as pipeline_module
+    from smaf.config import ConfigError
+
+    seen = {}
+
+    def fake_run_path(path_cfg, clock, denoise_variants, prefix="", refiners=()):
+        seen[path_cfg.train_cls.method] = (path_cfg.train_fusion.lr, path_cfg.work_dir)
+        raise RuntimeError("stop after recording")   # no real stage work in this test
+
+    monkeypatch.setattr(pipeline_module, "run_path", fake_run_path)
+    cfg = tiny_cfg(tiny_voc, tmp_path, "pipeline.path_overrides.eps=[train_fusion.lr=0.0003]")
+    with pytest.raises(RuntimeError, match="stop after recording"):
+        pipeline_module.run_pipeline(cfg, methods=["eps", "cam"], log=lambda _: None)
+    assert seen == {"eps": (0.0003, str(tmp_path / "eps"))}
+    seen.clear()
+    cfg = tiny_cfg(tiny_voc, tmp_path, "pipeline.path_overrides.cam=[train_fusion.lr=0.0003]")
+    with pytest.raises(RuntimeError):
+        pipeline_module.run_pipeline(cfg, methods=["cam", "eps"], log=lambda _: None)
+    assert seen == {"cam": (0.0003, str(tmp_path / "cam"))}
+    # a key that does not exist fails with the config's one-line error before the saliency step or stage 0
+    cfg = tiny_cfg(tiny_voc, tmp_path / "bad", "pipeline.path_overrides.eps=[train_fusion.no_such_key=1]")
+    with pytest.raises(ConfigError, match="train_fusion.no_such_key"):
+        pipeline_module.run_pipeline(cfg, methods=["cam", "eps"], log=lambda _: None)
+    assert not (tmp_path / "bad").exists()

@@ -364,7 +364,8 @@ class TinyWholeModel(nn.Module):
 
 
 class NotATensor:
-    """A custom object in a checkpoint's extras: forces the full (non weights-only) unpickler."""
+    """A custom object in a checkpoint's extras: the weights-only loader refuses the file (issue 20: it used to
+    fall back to full unpickling, which runs code from the file)."""
 
 
 def randomised(module: nn.Module) -> nn.Module:
@@ -378,8 +379,9 @@ def randomised(module: nn.Module) -> nn.Module:
 def test_smaf_checkpoints_load_strictly(tmp_path, capsys):
     source = randomised(TinyWholeModel())
     path = tmp_path / "final.pth"
+    # extras of numpy values (the RNG state of a training checkpoint) load weights-only
     torch.save({"format": "smaf", "model": source.state_dict(), "meta": {"backbone": "tiny"},
-                "extra": NotATensor()}, path)
+                "extra": {"numpy": np.random.get_state(), "best": np.float64(0.5)}}, path)
 
     whole = TinyWholeModel()
     report = load_weights(whole, path)
@@ -403,6 +405,14 @@ def test_smaf_checkpoints_load_strictly(tmp_path, capsys):
         load_weights(untouched, path)
     message = str(info.value)
     assert "classifier.weight" in message and "backbone.extra.weight" in message and "\n" not in message
+    assert_same_state(untouched, before)
+
+    # A custom object is refused in one line (never unpickled in full), and nothing is loaded.
+    torch.save({"format": "smaf", "model": source.state_dict(), "meta": {"backbone": "tiny"},
+                "extra": NotATensor()}, path)
+    with pytest.raises(WeightsError, match="refused") as info:
+        load_weights(untouched, path)
+    assert "NotATensor" in str(info.value) and "--trust-pickle" in str(info.value) and "\n" not in str(info.value)
     assert_same_state(untouched, before)
     capsys.readouterr()
 

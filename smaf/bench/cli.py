@@ -161,6 +161,8 @@ def run(args) -> dict:
                             row = {"stage": stage, "backbone": backbone, "crop": crop, "batch_size": batch,
                                    "amp": amp, "error": f"out of memory: {str(err).splitlines()[0]}"}
                         report["training"].append(row)
+                        if device.type == "cuda":   # the measure's model and batches are gone with its frame
+                            torch.cuda.empty_cache()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     for r in report.get("fusion", []):

@@ -40,11 +40,12 @@ def fusion_config(layout, work_dir: Path, args, device: torch.device, amp: str =
 
 @torch.no_grad()
 def baseline_fused(model, image: np.ndarray, labels: np.ndarray, scales, flip: bool, device: torch.device,
-                   base_long: int = 0):
+                   base_long: int = 0, resize: str = "pil"):
     """The reference's per-image algorithm: batch 1, one forward per scale and flip, NumPy post-processing.
 
     ``base_long`` > 0: the scales apply to the image resized to that long side (``inference.base_long``); the
-    maps are still produced at the image's size. Returns (classes, float32 (len(classes), H, W) fused maps)."""
+    maps are still produced at the image's size; ``resize``: the image resize (``inference.resize``; the
+    reference's is PIL bicubic). Returns (classes, float32 (len(classes), H, W) fused maps)."""
     h, w = image.shape[:2]
     bh, bw = h, w
     if base_long:
@@ -53,7 +54,7 @@ def baseline_fused(model, image: np.ndarray, labels: np.ndarray, scales, flip: b
     classes = np.nonzero(labels > 0.5)[0].tolist()
     total = np.zeros((len(classes), h, w), np.float32)
     for s in scales:
-        scaled = resize_image(image, (max(1, round(bh * s)), max(1, round(bw * s))))
+        scaled = resize_image(image, (max(1, round(bh * s)), max(1, round(bw * s))), resize)
         for flipped in ((False, True) if flip else (False,)):
             x = normalize(scaled[:, ::-1] if flipped else scaled)
             cam = model(torch.from_numpy(x)[None].to(device))[1][0].float().cpu().numpy()
@@ -78,11 +79,12 @@ def baseline_label(classes: list, maps: np.ndarray, bg_threshold: float) -> np.n
 
 
 def run_baseline(model, layout, ids: list, out_dir: Path, scales, flip: bool, device, bg_threshold: float,
-                 base_long: int = 0) -> int:
+                 base_long: int = 0, resize: str = "pil") -> int:
     """The per-image baseline over ``ids``: decode, fuse, write (synchronously) cam_npy/ and cam_png/."""
     for image_id in ids:
         image = layout.load_image(image_id)
-        classes, maps = baseline_fused(model, image, layout.labels[image_id], scales, flip, device, base_long)
+        classes, maps = baseline_fused(model, image, layout.labels[image_id], scales, flip, device, base_long,
+                                       resize)
         label = baseline_label(classes, maps, bg_threshold)
         save_cam_dict(out_dir / CAM_NPY / f"{image_id}.npy", {c: maps[i] for i, c in enumerate(classes)})
         save_label_png(out_dir / CAM_PNG / f"{image_id}.png", label)
@@ -120,6 +122,7 @@ def bench_fusion(backbone: str, layout, ids: list, args, device, scratch: Path, 
     cfg = fusion_config(layout, scratch, args, device)
     scales, flip = tuple(cfg.inference.scales), bool(cfg.inference.flip)
     base_long = int(cfg.inference.base_long or 0)
+    resize = str(cfg.inference.resize)
     amp = None if args.no_amp else fusion_amp_variant(device)
     cfg_amp = fusion_config(layout, scratch, args, device, amp) if amp else None
 
@@ -130,13 +133,14 @@ def bench_fusion(backbone: str, layout, ids: list, args, device, scratch: Path, 
         run_ours(cfg_amp, model, layout, ids, out, device)
 
     def base(out):
-        run_baseline(baseline_model, layout, ids, out, scales, flip, device, BG_THRESHOLD, base_long)
+        run_baseline(baseline_model, layout, ids, out, scales, flip, device, BG_THRESHOLD, base_long, resize)
 
     paths = [("ours", ours), ("baseline", base)] + ([("ours_amp", ours_amp)] if amp else [])
     warm = [warm_id] if warm_id else ids[:1]
     with torch.no_grad():  # warm-up (excluded): one image through each path
         run_ours(cfg, model, layout, warm, scratch / "warm_ours", device)
-        run_baseline(baseline_model, layout, warm, scratch / "warm_base", scales, flip, device, BG_THRESHOLD, base_long)
+        run_baseline(baseline_model, layout, warm, scratch / "warm_base", scales, flip, device, BG_THRESHOLD,
+                     base_long, resize)
         if amp:
             run_ours(cfg_amp, model, layout, warm, scratch / "warm_ours_amp", device)
     times = {name: [] for name, _ in paths}

@@ -12,7 +12,7 @@ from ..data.voc import ClassificationDataset, collate_train
 from ..engine import optimisation_step
 from ..methods import get_method
 from ..optim import build_optimizer
-from ..stages.train_fusion import build_self_training
+from ..stages.train_fusion import SelfTrainingTarget, build_self_training
 from .common import build_bench_model, maxrss_bytes, median, rss_peak_bytes, rss_peak_reset, sync
 
 
@@ -48,8 +48,9 @@ def bench_training(backbone: str, stage: int, layout, ids: list, crop: int, batc
         sect = cfg.train_fusion
         g = torch.Generator().manual_seed(0)
         prototypes = torch.rand(layout.num_classes + 1, model.feat_dim, generator=g)
-        _, _, step, after_step = build_self_training(model, sect, layout.num_classes,
-                                                     prototypes, cfg.fusion.prototype_min_pixels, device)
+        target = SelfTrainingTarget(sect, layout.num_classes, crop // sect.target_stride)
+        _, _, step, after_step = build_self_training(model, sect, target, prototypes,
+                                                     cfg.fusion.prototype_min_pixels, device)
     optimizer = build_optimizer(sect, model.param_groups(), 100000)
     scaler = torch.amp.GradScaler("cuda", enabled=(device.type == "cuda" and amp == "fp16"))
     batches = training_batches(layout, ids, crop, batch_size, 2, stage)
@@ -86,7 +87,4 @@ def bench_training(backbone: str, stage: int, layout, ids: list, crop: int, batc
         peak = rss_peak_bytes() if reset else None
         out["peak_rss_bytes"] = peak if peak is not None else maxrss_bytes()
         out["peak_rss_kind"] = "VmHWM of this measure" if peak is not None else "getrusage maxrss of the process"
-    del model, optimizer, batches
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return out
+    return out   # the model, optimiser and batches are freed with this frame (the caller empties the CUDA cache)

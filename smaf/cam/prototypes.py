@@ -104,8 +104,17 @@ def save_prototypes(path: Path, prototypes: torch.Tensor, counts: torch.Tensor, 
 
 
 def load_prototypes(path: Path) -> dict:
-    """Read ``prototypes.pt`` (tensors on the CPU); files written before ``min_pixels`` was stored get the
-    stage-1 default 10."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    """Read ``prototypes.pt`` (weights-only, tensors on the CPU); files written before ``min_pixels`` was stored
+    get the stage-1 default 10. A file that is not a prototypes payload is a ValueError in one line."""
+    from ..safe_load import SafeLoadError, torch_load
+
+    try:
+        payload = torch_load(path, "prototypes file")
+    except SafeLoadError as err:
+        raise ValueError(f"{err}; re-run stage 1 (bash script/gen_fusion.sh)") from None
+    protos = payload.get("prototypes") if isinstance(payload, dict) else None
+    if not isinstance(protos, torch.Tensor) or protos.dim() != 2:
+        raise ValueError(f"'{path}' is not a prototypes file (a dict with a (C+1, D) 'prototypes' tensor); re-run "
+                         f"stage 1 (bash script/gen_fusion.sh)")
     payload.setdefault("min_pixels", 10)
     return payload

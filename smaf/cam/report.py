@@ -42,8 +42,11 @@ def evaluate_outputs(layout, out_dir: Path, subfolder: str, eval_ids: list, logg
         logger.info("evaluation skipped: %d ids of the evaluation list were not generated (e.g. %s)",
                     len(missing), missing[0])
         return None
+    names = layout.names_path if layout.names_path.is_file() else "the 20 VOC defaults"
     result = evaluate_folder(out_dir / subfolder, layout.mask_dir, eval_ids,
-                             ["background"] + layout.class_names, desc=f"eval {subfolder}")
+                             ["background"] + layout.class_names, desc=f"eval {subfolder}",
+                             labels_hint=f"set data.labels_txt to the dataset's labels.txt (now: {names})",
+                             image_dir=layout.image_dir)
     if bg_rule is not None:
         result["bg_threshold"] = bg_rule.report_value
         if bg_rule.method != "fixed":

@@ -59,7 +59,7 @@ def generate_fused_outputs(model, layout, ids: list, out_dir: Path, device, logg
 
     Args:
         model: a CAM network (``forward -> (logits, cam, f)``, ``has_background``); an inference copy is used.
-        inference: the ``inference`` config section (scales, flip, base_long, channels_last).
+        inference: the ``inference`` config section (scales, flip, base_long, resize, channels_last).
         bg_rule: each image's background score for the PNG (and so for the prototypes).
         amp / num_workers: the config's ``amp`` and ``num_workers``.
         num_overlays: overlay pictures for the first N ids.
@@ -84,7 +84,8 @@ def generate_fused_outputs(model, layout, ids: list, out_dir: Path, device, logg
         return 0
     for sub in (CAM_NPY, CAM_PNG) + ((PROTO_STATS,) if prototypes else ()):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
-    dataset = InferenceDataset(layout, todo, scales=fus.scales, base_long=fus.base_long)
+    dataset = InferenceDataset(layout, todo, scales=fus.scales, base_long=fus.base_long,
+                               resize=fus.get("resize", "cv2"))
     workers = min(default_workers(num_workers), len(todo))   # no worker without an image to load
     fuse = _SampleFuser(model, fus, amp, bg_rule, layout.num_classes, prototype_min_pixels, overlay_ids)
     # (not with fewer images than cores: single-threaded workers would then leave cores idle)

@@ -23,11 +23,24 @@ def normalize(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
-def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bicubic resize of an RGB uint8 image to ``size`` = (H, W) (uint8, saturated)."""
+RESIZE_METHODS = ("pil", "cv2")
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int], method: str = "cv2") -> np.ndarray:
+    """Bicubic resize of an RGB uint8 image to ``size`` = (H, W) (uint8, saturated).
+
+    ``method``: ``cv2`` = OpenCV's INTER_CUBIC (a = -0.75, no antialiasing when shrinking); ``pil`` = PIL's
+    BICUBIC (a = -0.5, antialiased when shrinking: the kernel widens with the scale), what the PSA / EPS / SMAF
+    reference code uses for its multi-scale inputs."""
     h, w = size
     if image.shape[:2] == (h, w):
         return image
+    if method == "pil":
+        from PIL import Image
+
+        return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((w, h), resample=Image.BICUBIC))
+    if method != "cv2":
+        raise ValueError(f"resize method {method!r}: expected one of {', '.join(RESIZE_METHODS)}")
     return cv2.resize(image, (w, h), interpolation=cv2.INTER_CUBIC)
 
 

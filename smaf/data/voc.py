@@ -49,18 +49,28 @@ def read_id_list(path: str | os.PathLike) -> list[str]:
 
 
 def load_cls_labels(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """``{id: float32[C]}`` from a pickled ``cls_labels.npy`` dict."""
+    """``{id: float32[C]}`` from a pickled ``cls_labels.npy`` dict, read without running code
+    (:func:`smaf.safe_load.load_npy`: only dicts, arrays, dtypes and numbers are unpickled)."""
+    from ..safe_load import SafeLoadError, load_npy_object
+
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"image-level labels '{path}' not found: set data.cls_labels, or rebuild them from masks "
                            f"with `python -m smaf.data.prepare --root <root> --rebuild-labels`")
     try:
-        obj = np.load(path, allow_pickle=True).item()
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise DatasetError(f"'{path}' is not a pickled dict {{id: float32[C]}} ({err})") from None
+        obj = load_npy_object(path, "image-level labels")
+    except SafeLoadError as err:  # unreadable, or refused (it would need code to be unpickled)
+        raise DatasetError(f"{err}; expected a pickled dict {{id: float32[C]}}") from None
     if not isinstance(obj, dict):
-        raise DatasetError(f"'{path}' holds a {type(obj).__name__}, expected a dict {{id: float32[C]}}")
-    return {str(k): np.asarray(v, dtype=np.float32).reshape(-1) for k, v in obj.items()}
+        raise DatasetError(f"'{path}' holds a {type(obj).__name__}, not a pickled dict {{id: float32[C]}}")
+    out = {}
+    for k, v in obj.items():
+        try:
+            out[str(k)] = np.asarray(v, dtype=np.float32).reshape(-1)
+        except (TypeError, ValueError):
+            raise DatasetError(f"'{path}': the entry {str(k)!r} is a {type(v).__name__}, expected a float32[C] "
+                               f"label vector") from None
+    return out
 
 
 def load_class_names(path: str | os.PathLike | None) -> list[str]:
@@ -101,6 +111,7 @@ class VOCLayout:
         self.saliency_dir = sal if sal.is_absolute() or len(sal.parts) > 1 else self.root / sal
         self.labels_path = Path(cls_labels) if cls_labels else self.root / "cls_labels.npy"
         names_path = Path(labels_txt) if labels_txt else self.root / "labels.txt"
+        self.names_path = names_path
         self.class_names = load_class_names(names_path)
         self._labels: dict[str, np.ndarray] | None = None
 
@@ -178,6 +189,103 @@ class VOCLayout:
         return load_image(path).astype(np.float32).mean(2) / 255.0
 
 
+PREPARE_HINT = "`python -m smaf.data.prepare --root {root}` lists every such problem"
+
+
+def _header_size(path: Path) -> tuple[int, int] | None:
+    """(H, W) of an image or PNG from its header (no decoding); None when it cannot be opened."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.size[1], img.size[0]
+    except (OSError, SyntaxError, ValueError):
+        return None
+
+
+def _first_ids(ids: list, n: int = 3) -> str:
+    return ", ".join(ids[:n]) + (", ..." if len(ids) > n else "")
+
+
+def check_inputs(layout: "VOCLayout", ids: list[str], list_key: str, saliency: bool = False,
+                 mask_ids: list[str] | None = None, mask_values: bool = False, workers: int | None = None) -> None:
+    """Check a stage's inputs before it writes anything; the first problem is a :class:`DatasetError` (one
+    line: how many ids, the first ones, the key to fix).
+
+    Args:
+        ids: the ids the stage reads; each needs an image whose header can be read (a truncated body is only
+            found when decoded: the loader's error names the file), and with ``saliency`` a saliency map.
+        list_key: the config key of the list (``data.train_list`` ...), for the message.
+        mask_ids: ids scored against masks (validation, evaluation): each existing mask must have its image's
+            size (a mask of another image would otherwise be cropped or fail as a "small prediction").
+        mask_values: also decode those masks and check their values are 0..C or 255 (C from the class names).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    hint = PREPARE_HINT.format(root=layout.root)
+    threads = max(1, min(16, int(workers or os.cpu_count() or 1)))
+
+    def image_problem(image_id: str):
+        path = layout.image_path(image_id)
+        if not path.is_file():
+            return "missing"
+        return None if _header_size(path) is not None else "unreadable"
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        problems = list(pool.map(image_problem, ids))
+    for kind in ("missing", "unreadable"):
+        bad = [i for i, p in zip(ids, problems) if p == kind]
+        if not bad:
+            continue
+        if kind == "missing":
+            raise DatasetError(f"{len(bad)} ids of {list_key} have no image in '{layout.image_dir}' (first: "
+                               f"{_first_ids(bad)}): add the images or remove the ids from the list; {hint}")
+        raise DatasetError(f"{len(bad)} images of {list_key} cannot be read (first: "
+                           f"{layout.image_path(bad[0])}): replace them or remove their ids from the list; {hint}")
+    if saliency:
+        no_sal = [i for i in ids if not layout.saliency_path(i).is_file()]
+        if no_sal:
+            raise DatasetError(f"{len(no_sal)} ids of {list_key} have no saliency map in '{layout.saliency_dir}' "
+                               f"(first: {_first_ids(no_sal)}): the eps loss needs SALImages/<id>.png; use "
+                               f"train_cls.method=cam for datasets without saliency, or make maps with "
+                               f"`bash script/saliency.sh`")
+    if not mask_ids or layout.mask_dir is None:
+        return
+    with_mask = [i for i in mask_ids if layout.mask_path(i).is_file()]
+
+    def mask_problem(image_id: str):
+        mask_path, image_path = layout.mask_path(image_id), layout.image_path(image_id)
+        size, image_size = _header_size(mask_path), _header_size(image_path)
+        if size is None:
+            return f"mask '{mask_path}' cannot be read: replace it"
+        if image_size is not None and size != image_size:
+            return (f"mask '{mask_path}' is {size[0]}x{size[1]} (HxW) but its image '{image_path}' is "
+                    f"{image_size[0]}x{image_size[1]}: a mask must have its image's size; fix the mask or the image")
+        if mask_values:
+            try:
+                mask = load_label_png(mask_path)
+            except ValueError as err:
+                return str(err)
+            bad = mask[(mask > layout.num_classes) & (mask != 255)]
+            if bad.size:
+                return mask_value_message(layout, mask_path, int(bad.max()))
+        return None
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        found = [(i, m) for i, m in zip(with_mask, pool.map(mask_problem, with_mask)) if m]
+    if found:
+        more = f" ({len(found)} masks of {len(with_mask)} have such problems; {hint})" if len(found) > 1 else ""
+        raise DatasetError(found[0][1] + more)
+
+
+def mask_value_message(layout: "VOCLayout", mask_path, value: int) -> str:
+    """The one-line error for a mask value outside 0..C and 255 (the class names say C)."""
+    names = layout.names_path if layout.names_path.is_file() else "the 20 VOC defaults (no labels.txt)"
+    return (f"class count mismatch: mask '{mask_path}' holds class value {value} but the class names ({names}) "
+            f"give only {layout.num_classes} foreground classes (values 0..{layout.num_classes} and 255): set "
+            f"data.labels_txt to the dataset's labels.txt, or convert the masks to class indices")
+
+
 def _key(key) -> tuple[int, int | None]:
     """Dataset keys are an index, or (index, augmentation seed) from :class:`~smaf.data.sampler`."""
     if isinstance(key, (tuple, list)):
@@ -193,17 +301,19 @@ class ClassificationDataset(Dataset):
         pixels, 0 on padding; ``labels`` float32 (C,); ``params`` the transform parameters (see
         :class:`JointTrainTransform`); with ``saliency=True``: ``saliency`` float32 (1, crop, crop) in [0, 1];
         with ``soft_dir``: ``soft`` float32 (C, crop, crop), the image's fused map (CAM dict in
-        ``<soft_dir>/<id>.npy``) under the same geometry; with ``full_size``: ``full`` float32 (3, S, S), the
-        whole image resized to S x S.
+        ``<soft_dir>/<id>.npy``) under the same geometry, and with ``soft_bg_rule`` (a
+        :class:`~smaf.cam.background.BackgroundRule`): ``soft_bg`` float32 scalar, the rule's background score of the
+        whole fused map; with ``full_size``: ``full`` float32 (3, S, S), the whole image resized to S x S.
 
     Keys are an index or ``(index, seed)``; the seed makes the augmentation of an item reproducible
     regardless of worker count or resume point.
     """
 
     def __init__(self, layout: VOCLayout, ids: list[str], transform: JointTrainTransform,
-                 saliency: bool = False, soft_dir: str | os.PathLike | None = None, full_size: int = 0):
+                 saliency: bool = False, soft_dir: str | os.PathLike | None = None, full_size: int = 0,
+                 soft_bg_rule=None):
         self.layout, self.ids, self.transform = layout, list(ids), transform
-        self.saliency, self.full_size = saliency, full_size
+        self.saliency, self.full_size, self.soft_bg_rule = saliency, full_size, soft_bg_rule
         self.soft_dir = Path(soft_dir) if soft_dir else None
         if self.soft_dir is not None:
             missing = [i for i in self.ids if not (self.soft_dir / f"{i}.npy").is_file()]
@@ -232,6 +342,7 @@ class ClassificationDataset(Dataset):
                                    f"{sorted(cams)} but the image is {image.shape[:2]} with "
                                    f"{self.layout.num_classes} classes; regenerate it with stage 1")
             soft = cam_dict_to_array(cams, self.layout.num_classes, image.shape[:2])
+            soft_bg = self.soft_bg_rule.score_cam_dict(cams) if self.soft_bg_rule is not None else None
         out = self.transform(rng, image, saliency=sal, soft=soft)
         sample = {"id": image_id, "image": torch.from_numpy(out["image"]), "valid": torch.from_numpy(out["valid"]),
                   "labels": torch.from_numpy(self.layout.labels[image_id].copy()), "params": out["params"]}
@@ -239,6 +350,8 @@ class ClassificationDataset(Dataset):
             sample["saliency"] = torch.from_numpy(out["saliency"][None])
         if soft is not None:
             sample["soft"] = torch.from_numpy(out["soft"])
+            if soft_bg is not None:
+                sample["soft_bg"] = torch.tensor(soft_bg, dtype=torch.float32)
         if self.full_size:
             full = resize_image(image, (self.full_size, self.full_size))
             sample["full"] = torch.from_numpy(normalize(full))
@@ -250,13 +363,14 @@ class InferenceDataset(Dataset):
 
     Each item is a dict: ``id``; ``image`` uint8 (H, W, 3) the original RGB image; ``labels`` float32 (C,);
     ``scaled`` a list with, per scale s, the normalised float32 tensor (3, round(h s), round(w s)) resized
-    bicubically, where (h, w) = (H, W), or, with ``base_long`` > 0, the size whose long side is
-    ``base_long`` (maps are still produced at (H, W) by the caller).
+    bicubically (``resize``: ``pil`` or ``cv2``, see :func:`~smaf.data.transforms.resize_image`), where
+    (h, w) = (H, W), or, with ``base_long`` > 0, the size whose long side is ``base_long`` (maps are still
+    produced at (H, W) by the caller).
     """
 
-    def __init__(self, layout: VOCLayout, ids: list[str], scales=(1.0,), base_long: int = 0):
+    def __init__(self, layout: VOCLayout, ids: list[str], scales=(1.0,), base_long: int = 0, resize: str = "cv2"):
         self.layout, self.ids, self.scales = layout, list(ids), tuple(float(s) for s in scales)
-        self.base_long = int(base_long)
+        self.base_long, self.resize = int(base_long), resize
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -271,7 +385,7 @@ class InferenceDataset(Dataset):
         scaled = []
         for s in self.scales:
             size = (max(1, round(h * s)), max(1, round(w * s)))
-            scaled.append(torch.from_numpy(normalize(resize_image(image, size))))
+            scaled.append(torch.from_numpy(normalize(resize_image(image, size, self.resize))))
         return {"id": image_id, "image": image, "labels": torch.from_numpy(self.layout.labels[image_id].copy()),
                 "scaled": scaled}
 

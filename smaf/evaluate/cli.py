@@ -116,11 +116,13 @@ def _main(argv: list[str] | None) -> int:
             raise FileNotFoundError(f"dataset root '{layout.root}' has no SegmentationClassAug/ or "
                                     f"SegmentationClass/ folder: evaluation needs ground-truth masks (or use --gt)")
         gt_dir = layout.mask_dir
+        image_dir = layout.image_dir
         class_names = ["background"] + list(layout.class_names)
         names_from = args.labels or (str(layout.root / "labels.txt") if (layout.root / "labels.txt").is_file()
                                      else "the 20 VOC classes (no labels.txt in the root)")
     else:
         gt_dir = Path(args.gt)
+        image_dir = None
         if not gt_dir.is_dir():
             raise FileNotFoundError(f"ground-truth folder '{gt_dir}' not found: fix --gt")
         class_names, names_from = _class_names(args, gt_dir)
@@ -170,7 +172,8 @@ def _main(argv: list[str] | None) -> int:
     bg = None if fmt == "png" else (DEFAULT_BG if args.bg is None else args.bg)
     if bg == "otsu":
         bg = BackgroundRule("otsu", DEFAULT_BG)
-    result = evaluate_folder(pred_dir, gt_dir, ids, class_names, bg_threshold=bg, workers=args.workers)
+    result = evaluate_folder(pred_dir, gt_dir, ids, class_names, bg_threshold=bg, workers=args.workers,
+                             image_dir=image_dir)
     result.update({"ids": id_source, "pred_dir": str(pred_dir), "gt_dir": str(gt_dir)})
     title = f"{pred_dir} ({fmt}" + (f", background {bg})" if isinstance(bg, BackgroundRule) else
                                     f", background threshold {bg:.2f})" if bg is not None else ")")

@@ -55,12 +55,47 @@ def _check_files(pred_dir: Path, gt_dir: Path, ids: Sequence[str], suffix: str, 
                                 f"names images without masks; use a list of annotated images")
 
 
-def _check_values(label: np.ndarray, num_labels: int, path: Path, what: str) -> None:
+LABELS_HINT = "pass the dataset's labels.txt (--labels)"
+
+
+def _check_values(label: np.ndarray, num_labels: int, path: Path, what: str, hint: str = LABELS_HINT) -> None:
     """Class-count check: values must be 0..K-1 or 255 (anything else means a wrong labels.txt)."""
     bad = label[(label >= num_labels) & (label != 255)]
     if bad.size:
         raise ValueError(f"class count mismatch: {what} '{path}' holds class value {int(bad.max())} but there are "
-                         f"only {num_labels - 1} foreground classes; pass the dataset's labels.txt (--labels)")
+                         f"only {num_labels - 1} foreground classes; {hint}")
+
+
+def _image_size(image_dir: Path | None, image_id: str) -> tuple[tuple[int, int], Path] | None:
+    """((H, W), path) of ``<image_dir>/<id>.<ext>`` from its header, or None."""
+    if image_dir is None:
+        return None
+    from PIL import Image
+
+    from ..data.voc import IMAGE_SUFFIXES
+
+    for suffix in IMAGE_SUFFIXES:
+        path = image_dir / f"{image_id}{suffix}"
+        if path.is_file():
+            try:
+                with Image.open(path) as img:
+                    return (img.size[1], img.size[0]), path
+            except (OSError, SyntaxError, ValueError):
+                return None
+    return None
+
+
+def _size_error(pred_path: Path, gt_path: Path, pred_shape, gt_shape, image_dir: Path | None, image_id: str,
+                err: Exception) -> ValueError:
+    """The error for a prediction smaller than its mask: when the image has the prediction's size, the mask
+    does not fit its image (the prediction is not at fault)."""
+    found = _image_size(image_dir, image_id)
+    if found is not None and tuple(found[0]) != tuple(gt_shape):
+        (h, w), image_path = found
+        return ValueError(f"mask '{gt_path}' is {gt_shape[0]}x{gt_shape[1]} (HxW) but its image '{image_path}' is "
+                          f"{h}x{w}: a mask must have its image's size; fix the mask or the image "
+                          f"(`python -m smaf.data.prepare --root <root>` lists every such mask)")
+    return ValueError(f"{pred_path}: {err} ('{gt_path}'); regenerate the prediction at the original image size")
 
 
 def _run_parallel(fn: Callable[[str], np.ndarray], ids: Sequence[str], workers: int | None, desc: str) -> np.ndarray:
@@ -83,7 +118,8 @@ def _run_parallel(fn: Callable[[str], np.ndarray], ids: Sequence[str], workers: 
 # --------------------------------------------------------------------------------------- evaluation
 def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, ids: Sequence[str],
                     class_names: Sequence[str], bg_threshold=None, workers: int | None = None,
-                    desc: str = "eval", producer: str | None = None, strict: bool = True) -> dict:
+                    desc: str = "eval", producer: str | None = None, strict: bool = True,
+                    labels_hint: str = LABELS_HINT, image_dir: str | os.PathLike | None = None) -> dict:
     """Score a folder of predictions against a folder of ground-truth masks.
 
     Args:
@@ -99,6 +135,9 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, ids:
             description of the stages is used when None.
         strict: raise when a mask or prediction holds a value in K..254 (a class-count mismatch). With False,
             such GT pixels are ignored and such predictions count as unassigned (see :mod:`smaf.metrics`).
+        labels_hint: the fix the class-count message gives (the CLI's ``--labels``; a stage's data.labels_txt).
+        image_dir: the images' folder, when known: a prediction smaller than its mask is then blamed on the
+            mask when the image has the prediction's size (a mask of another image).
 
     Returns:
         The :func:`smaf.metrics.scores` dict (``miou`` in percent, per-class IoU/precision/recall) with
@@ -109,6 +148,7 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, ids:
         ValueError: a prediction smaller than its mask, an unreadable file, or a class-count mismatch.
     """
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    image_dir = Path(image_dir) if image_dir else None
     num_labels = len(class_names)
     is_rule = isinstance(bg_threshold, BackgroundRule)
     suffix = ".png" if bg_threshold is None else ".npy"
@@ -129,13 +169,12 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, ids:
             score = bg_threshold.score_cam_dict(cams) if is_rule else bg_threshold
             pred = cam_dict_to_label(cams, score, size=gt.shape)
         if strict:
-            _check_values(gt, num_labels, gt_path, "mask")
-            _check_values(pred, num_labels, pred_path, "prediction")
+            _check_values(gt, num_labels, gt_path, "mask", labels_hint)
+            _check_values(pred, num_labels, pred_path, "prediction", labels_hint)
         try:
             return confusion_matrix(pred, gt, num_labels - 1)
         except ValueError as err:
-            raise ValueError(f"{pred_path}: {err} ('{gt_path}'); regenerate the prediction at the original image "
-                             f"size") from None
+            raise _size_error(pred_path, gt_path, pred.shape, gt.shape, image_dir, image_id, err) from None
 
     conf = _run_parallel(one, ids, workers, desc)
     result = scores(conf, class_names, num_images=len(ids))

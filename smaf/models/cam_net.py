@@ -51,7 +51,8 @@ class CAMNet(nn.Module):
 
     CONV_BN_ACT = (("feature_conv", "feature_bn", "feature_relu"),)   # for smaf.models.fold
 
-    def __init__(self, backbone: nn.Module, num_classes: int, head: str = "smaf", feat_dim: int = 128):
+    def __init__(self, backbone: nn.Module, num_classes: int, head: str = "smaf", feat_dim: int = 128,
+                 bg_bias: bool = False, logit_scale: float = 1.0):
         super().__init__()
         if head not in HEAD_TYPES:
             raise ValueError(f"CAMNet: head must be one of {', '.join(HEAD_TYPES)}, got '{head}'")
@@ -67,6 +68,10 @@ class CAMNet(nn.Module):
         self.classifier = nn.Conv2d(feat_dim, self.num_outputs, 1, bias=False)
         nn.init.xavier_uniform_(self.feature_conv.weight)
         nn.init.xavier_uniform_(self.classifier.weight)
+        self.logit_scale = float(logit_scale)   # a fixed temperature of the CAM logits (see calibrate_logit_scale)
+        self.register_parameter("bg_bias", None)
+        if bg_bias:
+            self.add_background_bias(0.0)
         freeze_batchnorm(self)
 
     @property
@@ -78,12 +83,22 @@ class CAMNet(nn.Module):
         """The newly initialised layers (trained with the 10x / 20x learning rates)."""
         return [self.feature_conv, self.feature_bn, self.classifier]
 
+    def _head_params(self) -> set[int]:
+        ids = {id(p) for m in self.head_modules() for p in m.parameters()}
+        if self.bg_bias is not None:
+            ids.add(id(self.bg_bias))
+        return ids
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, 3, H, W) ImageNet-normalised RGB -> (logits (B, K), cam (B, K, h, w), f (B, feat_dim, h, w)),
         with (h, w) = the backbone's feature size (H/8 for ResNet-38) and logits = mean of cam over h, w."""
         features = self.backbone(x)["conv6"]
         f = self.feature_relu(self.feature_bn(self.feature_conv(features)))
         cam = self.classifier(f)
+        if self.logit_scale != 1.0:
+            cam = cam * self.logit_scale
+        if self.bg_bias is not None:   # a learned constant on the background logit (stage 2, see add_background_bias)
+            cam = torch.cat([cam[:, :-1], cam[:, -1:] + self.bg_bias.to(cam.dtype)], 1)
         logits = cam.mean(dim=(2, 3))
         # A backbone may run channels-last (EfficientNet on CPU); callers get ordinary contiguous maps (cheap:
         # feat_dim and K channels), so .view() works on them.
@@ -102,13 +117,13 @@ class CAMNet(nn.Module):
         """[pretrained weights, pretrained biases, new weights, new biases] for the poly SGD (lr x1, x2, x10,
         x20). "pretrained" = the backbone (whether or not it was initialised from ImageNet), "new" = the head.
         Only parameters with ``requires_grad`` are listed: frozen BN and stem convs are in no group."""
-        head_param_ids = {id(p) for m in self.head_modules() for p in m.parameters()}
+        head_param_ids = self._head_params()
         groups: list[list[nn.Parameter]] = [[], [], [], []]
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
             is_new = id(param) in head_param_ids
-            is_bias = name.endswith("bias")
+            is_bias = name.endswith("bias")   # (bg_bias too: a bias, no weight decay, x20 lr)
             groups[2 * is_new + is_bias].append(param)
         return groups
 
@@ -132,12 +147,39 @@ class CAMNet(nn.Module):
             self.arch_spec = {"arch": spec["arch"], "args": dict(spec["args"], head="smaf")}
 
 
+    def set_logit_scale(self, scale: float) -> None:
+        """Multiply the CAM logits by a fixed ``scale`` (recorded in the architecture spec). Dividing the logits of
+        a plain CAM classifier (tens at its objects) this way, rather than its classifier weights, keeps the size
+        of the weights' updates relative to the weights: a weight divided by D moves D times further, relative to
+        its size, for the same gradient (the head then jumps off within a few steps)."""
+        self.logit_scale = float(scale)
+        spec = getattr(self, "arch_spec", None)
+        if spec is not None:
+            self.arch_spec = {"arch": spec["arch"], "args": dict(spec["args"], logit_scale=float(scale))}
+
+    @torch.no_grad()
+    def add_background_bias(self, value: float) -> None:
+        """Give the background logit (channel C, last) a learned constant ``value`` (a new Parameter: build the
+        optimiser after calling this). A background row without a bias cannot represent a constant background
+        score: its features are non-negative (after the ReLU), so its logit grows with feature magnitude, largest
+        on the object. Needs the C+1 head; on an existing bias only sets its value."""
+        if not self.has_background:
+            raise ValueError("CAMNet.add_background_bias: the head has no background channel (add_background_channel)")
+        if self.bg_bias is None:
+            self.bg_bias = nn.Parameter(torch.zeros((), device=self.classifier.weight.device))
+        self.bg_bias.fill_(float(value))
+        spec = getattr(self, "arch_spec", None)
+        if spec is not None:
+            self.arch_spec = {"arch": spec["arch"], "args": dict(spec["args"], bg_bias=True)}
+
+
 @register_architecture("cam_net")
 def build_cam_net(num_classes: int, backbone: str, output_stride: int = 8, feat_dim: int = 128, head: str = "smaf",
-                  pretrained: str = "") -> CAMNet:
+                  pretrained: str = "", bg_bias: bool = False, logit_scale: float = 1.0) -> CAMNet:
     """The CAM network: backbone ``backbone`` (a name of :data:`smaf.models.BACKBONES`) + the SMAF head with
     ``num_classes`` foreground classes. ``pretrained`` ('' = random init, a file, or 'imagenet') is not recorded
     in the architecture's arguments."""
     from . import build_backbone
 
-    return CAMNet(build_backbone(backbone, pretrained, output_stride), num_classes, head=head, feat_dim=feat_dim)
+    return CAMNet(build_backbone(backbone, pretrained, output_stride), num_classes, head=head, feat_dim=feat_dim,
+                  bg_bias=bg_bias, logit_scale=logit_scale)

@@ -239,14 +239,23 @@ def checkpoint_key_to_module_key(key: str) -> str:
 def read_efficientnet_lite0_checkpoint(path: str | Path | None = None) -> dict[str, torch.Tensor]:
     """The checkpoint at ``path`` (None = the package's ImageNet weights) as a state dict in this module's key
     names (``classifier.*`` = the ImageNet linear layer). Accepts the checkpoint's own names or ours; a
-    ``{'state_dict': ...}`` / ``{'model': ...}`` wrapper and a ``module.`` prefix are unwrapped."""
+    ``{'state_dict': ...}`` / ``{'model': ...}`` wrapper and a ``module.`` prefix are unwrapped. The file is
+    read weights-only (:func:`smaf.models.weights._torch_load`); a missing, unreadable or refused file, or one
+    without a state dict, is one line naming it."""
+    from smaf.models.weights import WeightsError, _torch_load
+
     path = Path(path) if path is not None else efficientnet_lite0_weights_path()
     if not path.is_file():
-        raise FileNotFoundError(f"EfficientNet-Lite0 weights not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        raise FileNotFoundError(f"EfficientNet-Lite0 weights not found: {path} (model.pretrained: 'imagenet' for "
+                                f"the package's weights, a .pth file, or '' for random init)")
+    state = _torch_load(path)
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
+    if not (isinstance(state, dict) and state and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                      for k, v in state.items())):
+        raise WeightsError(f"no state dict (mapping of names to tensors) found in EfficientNet-Lite0 weights {path}: "
+                           f"it holds a {type(state).__name__}")
     return {checkpoint_key_to_module_key(k.removeprefix("module.")): v for k, v in state.items()}
 
 

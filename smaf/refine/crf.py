@@ -34,7 +34,7 @@ class CRFParams:
 
 
 def crf_refine_labels(image: np.ndarray, label: np.ndarray, params: CRFParams = CRFParams(),
-                      extra_labels=()) -> np.ndarray:
+                      extra_labels=(), num_labels: int | None = None) -> np.ndarray:
     """Refine a label map with a dense CRF.
 
     Args:
@@ -42,9 +42,11 @@ def crf_refine_labels(image: np.ndarray, label: np.ndarray, params: CRFParams = 
         label: uint8 (H, W) VOC label map (0 background, c+1 class c; 255 = unknown, given a uniform unary).
         params: CRF constants.
         extra_labels: further label values allowed in the output (e.g. the image's labelled classes + 1).
+        num_labels: K = C+1 to build the unary over all labels 0..K-1, as the reference does (off-label energy
+            -log((1 - gt_prob) / (K - 1))); None = over the labels present in ``label``, ``extra_labels`` and
+            background only.
 
-    Returns the uint8 (H, W) argmax of the CRF marginals, over the labels present in ``label`` (and
-    ``extra_labels``) and background.
+    Returns the uint8 (H, W) argmax of the CRF marginals.
     """
     import pydensecrf.densecrf as dcrf
     from pydensecrf.utils import unary_from_labels
@@ -52,7 +54,15 @@ def crf_refine_labels(image: np.ndarray, label: np.ndarray, params: CRFParams = 
     h, w = label.shape
     if image.shape[:2] != (h, w):
         raise ValueError(f"image {image.shape[:2]} and label {label.shape} sizes differ")
-    values = sorted({0, *np.unique(label[label != 255]).tolist(), *[int(v) for v in extra_labels]})
+    present = {0, *np.unique(label[label != 255]).tolist(), *[int(v) for v in extra_labels]}
+    if num_labels is not None:
+        if max(present) >= num_labels:
+            raise ValueError(f"label value {max(present)} does not fit num_labels={num_labels}")
+        if len(present) == 1:   # one label everywhere: the CRF cannot change it
+            return np.zeros_like(label, dtype=np.uint8)
+        values = list(range(num_labels))
+    else:
+        values = sorted(present)
     if len(values) == 1:
         return np.zeros_like(label, dtype=np.uint8)
     lut = np.zeros(256, dtype=np.int64)
@@ -102,11 +112,23 @@ class CRFLabelRefiner:
     input_kind = "png"
     name = "crf"
 
-    def __init__(self, params: CRFParams = CRFParams()):
-        self.params = params
+    def __init__(self, params: CRFParams = CRFParams(), num_labels: int | None = None):
+        self.params, self.num_labels = params, num_labels
 
     def __call__(self, image: np.ndarray, label: np.ndarray, labelled: list) -> np.ndarray:
-        return crf_refine_labels(image, label, self.params, extra_labels=[c + 1 for c in labelled])
+        return crf_refine_labels(image, label, self.params, extra_labels=[c + 1 for c in labelled],
+                                 num_labels=self.num_labels)
+
+    @classmethod
+    def from_config(cls, sect, num_classes: int) -> "CRFLabelRefiner":
+        """The refiner of a ``crf`` section: its constants, and ``unary_labels`` ``all`` (the unary over the C+1
+        labels, the reference) or ``image`` (over the image's own labels)."""
+        from ..config import ConfigError
+
+        kind = str(sect.get("unary_labels", "image"))
+        if kind not in ("all", "image"):
+            raise ConfigError(f"crf.unary_labels={kind!r}: expected all or image")
+        return cls(CRFParams.from_config(sect), num_classes + 1 if kind == "all" else None)
 
 
 class CRFScoreRefiner:

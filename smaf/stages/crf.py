@@ -11,7 +11,8 @@ from pathlib import Path
 
 from .. import dist
 from ..cam.report import evaluate_outputs
-from ..refine import CRFLabelRefiner, CRFParams, refine_folder
+from ..data.voc import VOCLayout, check_inputs
+from ..refine import CRFLabelRefiner, refine_folder
 from ..run_layout import CRF_PNG, RunLayout
 from ..runtime import StageError, available_cores, pick, prepare_output, stage_main
 
@@ -21,17 +22,22 @@ def run(cfg) -> dict:
     sect = cfg.crf
     runs = RunLayout(cfg)
     input_dir = runs.input("crf", "input_dir")
-    out_dir, logger, _, layout = prepare_output(cfg, "crf")
-    output_dir = Path(pick(sect.output_dir, str(input_dir.parent / CRF_PNG)))
+    # the inputs are checked before anything is written: the folder, its masks, their images
     if not input_dir.is_dir():
         raise StageError(f"CRF input folder '{input_dir}' not found: run {runs.producer('crf', 'input_dir')} first "
                          f"or set crf.input_dir")
-    ids = dist.shard(sorted(p.stem for p in input_dir.glob("*.png")))
-    if not ids and dist.world_size() == 1:
-        raise StageError(f"no PNG masks in '{input_dir}'")
+    layout = VOCLayout.from_config(cfg)
+    all_ids = sorted(p.stem for p in input_dir.glob("*.png"))
+    if not all_ids:
+        raise StageError(f"no PNG masks in '{input_dir}': run {runs.producer('crf', 'input_dir')} first or set "
+                         f"crf.input_dir")
+    check_inputs(layout, all_ids, f"the masks of crf.input_dir '{input_dir}'")
+    out_dir, logger, _, layout = prepare_output(cfg, "crf", layout=layout)
+    output_dir = Path(pick(sect.output_dir, str(input_dir.parent / CRF_PNG)))
+    ids = dist.shard(all_ids)
     workers = sect.workers or available_cores()
     logger.info("dense CRF on %d masks from %s with %d workers -> %s", len(ids), input_dir, workers, output_dir)
-    refine_folder(layout, input_dir, output_dir, ids, CRFLabelRefiner(CRFParams.from_config(sect)), workers,
+    refine_folder(layout, input_dir, output_dir, ids, CRFLabelRefiner.from_config(sect, layout.num_classes), workers,
                   overlay_ids=ids[:sect.overlays], desc="crf")
     dist.barrier()
     result = {"output_dir": output_dir, "miou": None}

@@ -23,6 +23,7 @@ from ..cam.prototypes import aggregate_prototypes, save_prototypes
 from ..cam.report import evaluate_outputs
 from ..cam.writer import generate_fused_outputs
 from ..checkpoint import describe, load_model
+from ..data.voc import VOCLayout, check_inputs
 from ..run_layout import CAM_PNG, PROTOTYPES, RunLayout
 from ..runtime import pick, prepare_output, stage_main
 
@@ -31,13 +32,19 @@ def run(cfg) -> dict:
     """Stage 1. Returns {'miou': float or None, 'out_dir': Path, 'num_images': int, 'bg_scores': the spread of
     per-image background scores (see :func:`smaf.cam.report.background_score_stats`) or None}."""
     fus, inf = cfg.fusion, cfg.inference
-    out_dir, logger, device, layout = prepare_output(cfg, "fusion", "gen_fusion")
-    bg_rule = BackgroundRule.from_section(inf, "inference")   # a bad rule fails before the model is loaded
+    # every input is checked before anything is written: the rule, the lists, the images, the model's classes
+    bg_rule = BackgroundRule.from_section(inf, "inference")
+    layout = VOCLayout.from_config(cfg)
     ids = layout.read_list(pick(fus.list, cfg.data.train_list))
     eval_ids = layout.read_list(pick(fus.eval_list, cfg.data.infer_list))
+    check_inputs(layout, list(dict.fromkeys(ids + eval_ids)), "fusion.list / fusion.eval_list",
+                 mask_ids=eval_ids if layout.has_masks(eval_ids) else None, mask_values=True)
     runs = RunLayout(cfg)
     ckpt = runs.input("fusion", "checkpoint")
-    model, spec = load_model(ckpt, producer=runs.producer("fusion", "checkpoint"), device=device)
+    model, spec = load_model(ckpt, producer=runs.producer("fusion", "checkpoint"), num_classes=layout.num_classes,
+                             key="fusion.checkpoint", layout=layout)
+    out_dir, logger, device, layout = prepare_output(cfg, "fusion", "gen_fusion", layout=layout)
+    model = model.to(device)
     logger.info("model %s from %s | %d images | scales %s flip %s", describe(spec), ckpt, len(ids),
                 list(inf.scales), inf.flip)
     logger.info("background score: %s", bg_rule)

@@ -16,7 +16,8 @@ from ..cam.background import BackgroundRule
 from ..cam.report import evaluate_outputs
 from ..cam.writer import generate_fused_outputs
 from ..checkpoint import describe, load_model
-from ..refine import CRFLabelRefiner, CRFParams, refine_folder
+from ..data.voc import VOCLayout, check_inputs
+from ..refine import CRFLabelRefiner, refine_folder
 from ..run_layout import CAM_PNG, CRF_PNG, RunLayout
 from ..runtime import available_cores, pick, prepare_output, stage_main
 
@@ -25,13 +26,19 @@ def run(cfg) -> dict:
     """Stage 3. Returns {'miou': plain mask mIoU or None, 'miou_crf': CRF mask mIoU or None, 'out_dir',
     'bg_scores' (as stage 1's)}."""
     sect, inf = cfg.pseudo_masks, cfg.inference
-    out_dir, logger, device, layout = prepare_output(cfg, "pseudo_masks", "gen_pm")
-    bg_rule = BackgroundRule.from_section(inf, "inference")   # a bad rule fails before the model is loaded
+    # every input is checked before anything is written: the rule, the lists, the images, the model's classes
+    bg_rule = BackgroundRule.from_section(inf, "inference")
+    layout = VOCLayout.from_config(cfg)
     ids = layout.read_list(pick(sect.list, cfg.data.train_list))
     eval_ids = layout.read_list(pick(sect.eval_list, cfg.data.infer_list))
+    check_inputs(layout, list(dict.fromkeys(ids + eval_ids)), "pseudo_masks.list / pseudo_masks.eval_list",
+                 mask_ids=eval_ids if layout.has_masks(eval_ids) else None, mask_values=True)
     runs = RunLayout(cfg)
     ckpt = runs.input("pseudo_masks", "checkpoint")
-    model, spec = load_model(ckpt, producer=runs.producer("pseudo_masks", "checkpoint"), device=device)
+    model, spec = load_model(ckpt, producer=runs.producer("pseudo_masks", "checkpoint"),
+                             num_classes=layout.num_classes, key="pseudo_masks.checkpoint", layout=layout)
+    out_dir, logger, device, layout = prepare_output(cfg, "pseudo_masks", "gen_pm", layout=layout)
+    model = model.to(device)
     logger.info("pseudo masks with %s (%s) on %d images, scales %s flip %s, background score %s", ckpt,
                 describe(spec), len(ids), list(inf.scales), inf.flip, bg_rule)
     generate_fused_outputs(model, layout, ids, out_dir, device, logger, inf, bg_rule, amp=cfg.amp,
@@ -52,7 +59,7 @@ def run(cfg) -> dict:
         mine = dist.shard(ids)
         workers = cfg.crf.workers or available_cores()
         logger.info("dense CRF on %d masks with %d workers -> %s", len(mine), workers, out_dir / CRF_PNG)
-        refine_folder(layout, out_dir / CAM_PNG, out_dir / CRF_PNG, mine, CRFLabelRefiner(CRFParams.from_config(cfg.crf)),
+        refine_folder(layout, out_dir / CAM_PNG, out_dir / CRF_PNG, mine, CRFLabelRefiner.from_config(cfg.crf, layout.num_classes),
                       workers, overlay_ids=mine[:cfg.crf.overlays], desc="crf")
         dist.barrier()
         if dist.is_main():

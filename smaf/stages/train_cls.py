@@ -13,11 +13,12 @@ Outputs in ``<work_dir>/<train_cls.out_subdir>/``: ``final.pth`` (the model stag
 """
 from __future__ import annotations
 
+from ..cam.background import BackgroundRule
 from ..cam.validate import CAMValidator
 from ..config import Config
 from ..data.transforms import JointTrainTransform
-from ..data.voc import ClassificationDataset
-from ..engine import train_loop
+from ..data.voc import ClassificationDataset, VOCLayout, check_inputs
+from ..engine import check_resume_checkpoint, check_training_section, train_loop
 from ..methods import get_method
 from ..models import build_model
 from ..optim import build_optimizer
@@ -38,14 +39,19 @@ def run(cfg):
     sect = cfg.train_cls
     method = get_method(sect.method)
     head = resolve_head(cfg)
-    out_dir, logger, device, layout = prepare_output(cfg, "train_cls")
-    set_seed(cfg.seed)
+    # every input is checked before anything is written: keys, ids, images, saliency, validation masks, resume
+    check_training_section(sect, "train_cls")
+    BackgroundRule.from_section(cfg.inference, "inference")
+    layout = VOCLayout.from_config(cfg)
     ids = layout.read_list(cfg.data.train_list)
+    check_inputs(layout, ids, "data.train_list", saliency=method.needs_saliency)
+    if sect.val_every:
+        CAMValidator.check_config_inputs(cfg, layout, sect.val_max_images)
+    check_resume_checkpoint(sect, "train_cls", layout, head)
+    out_dir, logger, device, layout = prepare_output(cfg, "train_cls", layout=layout)
+    set_seed(cfg.seed)
     transform = JointTrainTransform(sect.crop, sect.resize_long, flip=True, jitter=sect.jitter)
     dataset = ClassificationDataset(layout, ids, transform, saliency=method.needs_saliency)
-    if method.needs_saliency and ids:
-        layout.load_saliency(ids[0])  # fail now, with the fix in the message, rather than inside a worker
-    # a bad background rule fails here, before the model is built
     validator = CAMValidator.from_config(cfg, layout, sect.val_max_images, logger)
     model = build_model(Config(dict(cfg.model, head=head)), layout.num_classes).to(device)
     logger.info("stage 0: %s method, %s backbone (%s head), %d classes", method.name, cfg.model.backbone, head,

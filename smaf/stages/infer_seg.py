@@ -1,0 +1,134 @@
+"""Stage 4 inference: the trained segmentation network over a list (``python -m smaf.stages.infer_seg`` /
+``bash script/infer_seg.sh``).
+
+Loads ``infer_seg.checkpoint`` (default: ``train_seg/final.pth``) and, for every id of ``infer_seg.list``
+(default ``data.val_list``; ids need no image-level labels, so a test list works), averages the softmax of the
+network's upsampled logits over ``infer_seg.scales`` (0.5, 0.75, 1) x flip on the device
+(:func:`smaf.seg.inference.segment_batch`; inputs at long side ``infer_seg.base_long`` when > 0, probabilities
+at the image size), then, with ``infer_seg.crf``, runs the dense CRF of those probabilities in a process pool
+(DeepLab's constants ``infer_seg.{gauss_sxy,...}``). Writes under ``<work_dir>/<infer_seg.out_subdir>/``:
+
+    seg_png/<id>.png   the argmax (palette PNG, VOC numbering)
+    crf_png/<id>.png   after the CRF (with infer_seg.crf)
+    overlays/<id>.jpg  image | prediction | + CRF | classes, for the first infer_seg.overlays ids
+    eval/{seg_png,crf_png}.json   mIoU on infer_seg.eval_list when its masks exist and every id was segmented
+    speed.json         images, seconds and images/s of this call
+
+and logs the throughput (images/s of the network pass, and with the CRF). Finished images are skipped; under
+torchrun each rank takes its share.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .. import dist
+from ..cam.report import evaluate_outputs
+from ..checkpoint import describe, load_model
+from ..config import ConfigError
+from ..data.voc import VOCLayout, check_inputs, read_id_list
+from ..io import atomic_save
+from ..models.deeplab import SEG_ARCHITECTURES
+from ..models.fold import inference_copy
+from ..refine.crf import CRFParams
+from ..run_layout import CRF_PNG, OVERLAYS, SEG_PNG, RunLayout
+from ..runtime import (
+    StageError,
+    available_cores,
+    check_positive,
+    pick,
+    prepare_output,
+    stage_main,
+)
+from ..seg.writer import SegOutputs, segment_items
+
+SPEED_FILE = "speed.json"
+
+
+def crf_params(sect) -> CRFParams:
+    """The CRF constants of the ``infer_seg`` section (DeepLab's by default)."""
+    return CRFParams(0.7, float(sect.gauss_sxy), float(sect.gauss_compat), float(sect.bi_sxy), float(sect.bi_srgb),
+                     float(sect.bi_compat), int(sect.iterations))
+
+
+def run(cfg) -> dict:
+    """Stage 4 inference. Returns ``{'miou': mIoU of seg_png or None, 'miou_crf': of crf_png or None, 'out_dir',
+    'png_dir', 'crf_dir' (None without CRF), 'images', 'images_per_s', 'network_seconds', 'seconds'}`` (the
+    speed keys describe this call: 0 images when every output existed)."""
+    sect = cfg.infer_seg
+    runs = RunLayout(cfg)
+    scales = [float(s) for s in (sect.scales or [])]
+    if not scales or min(scales) <= 0:
+        raise ConfigError(f"infer_seg.scales={list(sect.scales)}: expected a list of positive scales, e.g. "
+                          f"[0.5, 0.75, 1.0]")
+    check_positive(sect, "infer_seg", ("batch_size",), ("base_long", "overlays", "crf_workers"))
+    params = crf_params(sect)
+    # every input is checked before anything is written: lists, images, masks, the checkpoint and its classes
+    layout = VOCLayout.from_config(cfg)
+    list_path = pick(sect.list, cfg.data.val_list)
+    eval_path = pick(sect.eval_list, list_path)
+    ids = read_id_list(list_path)
+    eval_ids = read_id_list(eval_path)
+    has_masks = layout.has_masks(eval_ids)
+    check_inputs(layout, list(dict.fromkeys(ids + eval_ids)), "infer_seg.list / infer_seg.eval_list",
+                 mask_ids=eval_ids if has_masks else None, mask_values=True)
+    ckpt = runs.input("infer_seg", "checkpoint")
+    producer = runs.producer("infer_seg", "checkpoint")
+    model, spec = load_model(ckpt, producer=producer, num_classes=layout.num_classes, key="infer_seg.checkpoint",
+                             layout=layout)
+    if spec["arch"] not in SEG_ARCHITECTURES:
+        raise StageError(f"infer_seg.checkpoint '{ckpt}' holds a {spec['arch']} network, not a segmentation network "
+                         f"({', '.join(SEG_ARCHITECTURES)}): give the final.pth of {producer}")
+    out_dir, logger, device, layout = prepare_output(cfg, "infer_seg", layout=layout)
+    model, note = inference_copy(model.to(device), device)
+    if note:
+        logger.info("%s", note)
+    outputs = SegOutputs(out_dir / SEG_PNG, out_dir / CRF_PNG if sect.crf else None, out_dir / OVERLAYS)
+    mine = dist.shard(ids)
+    crf_workers = int(sect.crf_workers) or available_cores()
+    logger.info("segmenting %d images with %s (%s) on %s: scales %s, flip %s, %s%s", len(mine), ckpt,
+                describe(spec), device, scales, sect.flip,
+                f"long side {sect.base_long}" if sect.base_long else "original size",
+                f", then the dense CRF ({crf_workers} workers)" if sect.crf else "")
+    speed = segment_items(model, [(i, layout.image_path(i)) for i in mine], outputs, device, logger, scales,
+                          bool(sect.flip), int(sect.base_long), str(sect.resize), cfg.amp, cfg.num_workers,
+                          int(sect.batch_size), params if sect.crf else None, crf_workers,
+                          overlay_names=ids[:int(sect.overlays)], class_names=layout.class_names, desc="infer_seg")
+    if speed["images"]:
+        logger.info("segmented %d images in %.1f s: %.2f images/s (network, %d scales%s)%s", speed["images"],
+                    speed["network_seconds"], speed["images_per_s"], len(scales), " x flip" if sect.flip else "",
+                    f"; {speed['seconds']:.1f} s with the CRF ({speed['images'] / speed['seconds']:.2f} images/s)"
+                    if sect.crf else "")
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    dist.barrier()
+    result = {"miou": None, "miou_crf": None, "out_dir": out_dir, "png_dir": outputs.png_dir,
+              "crf_dir": outputs.crf_dir, **{k: speed[k] for k in ("images", "images_per_s", "network_seconds",
+                                                                    "seconds")}}
+    if dist.is_main():
+        if speed["images"]:
+            text = json.dumps({k: speed[k] for k in ("images", "network_seconds", "seconds", "images_per_s")} |
+                              {"device": str(device), "scales": scales, "flip": bool(sect.flip),
+                               "crf": bool(sect.crf)}, indent=2)
+            atomic_save(out_dir / SPEED_FILE, lambda tmp: Path(tmp).write_text(text + "\n"))
+        done = {p.stem for p in outputs.png_dir.glob("*.png")}
+        evaluation = evaluate_outputs(layout, out_dir, SEG_PNG, eval_ids, logger, done)
+        result["miou"] = evaluation["miou"] if evaluation else None
+        if sect.crf:
+            done = {p.stem for p in outputs.crf_dir.glob("*.png")}
+            evaluation = evaluate_outputs(layout, out_dir, CRF_PNG, eval_ids, logger, done)
+            result["miou_crf"] = evaluation["miou"] if evaluation else None
+    dist.barrier()
+    return result
+
+
+def main(argv=None):
+    stage_main(run, "Stage 4 inference: multi-scale x flip segmentation (+ dense CRF) of a list, with evaluation.",
+               argv)
+
+
+if __name__ == "__main__":
+    main()
