@@ -2,8 +2,8 @@
 # Real-data benchmark of one set: pets (Oxford-IIIT Pet, 3 breeds) or msrc (MSRC-v2, 12 VOC classes). Runs the
 # saliency step, then for each stage-0 path (the plain cam loss, and the eps loss on the saliency maps) stages
 # 0-3 with the config's stage-2 setting and the CRF, and the baselines (single-scale CAM, saliency x image
-# label); prints one table (train = pseudo-mask quality, val) with every stage's wall time. Both sets in the
-# lean mode: under 60 minutes on a 2-core CPU (README, Results). --full adds stage 2 with denoising on (its
+# label); prints one table (train = pseudo-mask quality, val) with every stage's wall time. Lean mode on a
+# 2-core CPU (README, Results): MSRC 24 min idle, Pet 48 min on shared cores. --full adds stage 2 with denoising on (its
 # masks without CRF), the refiner rows (PAR; AffinityNet + random walk + CRF) and stage 4 (--segmentation).
 #
 # Usage:   bash script/bench_real.sh pets|msrc [--full] [key=value ...]

@@ -172,13 +172,41 @@ def test_stage1_outputs_match_reference_prototypes_and_resume(tiny_voc, tmp_path
     assert (out_dir / "cam_png" / f"{ids[1]}.png").is_file()
 
 
-def test_inference_dataset_matches_reference_resize(tiny_voc):
+def _reference_resize(image: np.ndarray, size: tuple[int, int], method: str) -> np.ndarray:
+    """The two references, called directly: PIL's BICUBIC (what PSA / EPS / SMAF use) or OpenCV's INTER_CUBIC."""
+    from PIL import Image
+
+    h, w = size
+    if method == "pil":
+        return np.asarray(Image.fromarray(image).resize((w, h), resample=Image.BICUBIC))
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_CUBIC)
+
+
+@pytest.mark.parametrize("method", ["pil", "cv2"])
+def test_inference_dataset_matches_reference_resize(tiny_voc, method):
+    from PIL import Image
+
     layout = VOCLayout(tiny_voc)
     ids = layout.read_list(tiny_voc / "ImageSets/Segmentation/val.txt")[:1]
-    sample = InferenceDataset(layout, ids, scales=SCALES)[0]
-    h, w = sample["image"].shape[:2]
+    sample = InferenceDataset(layout, ids, scales=SCALES, resize=method)[0]
+    with Image.open(layout.image_path(ids[0])) as img:
+        original = np.asarray(img.convert("RGB"))
+    np.testing.assert_array_equal(sample["image"], original)
+    h, w = original.shape[:2]
+    mean = np.array([0.485, 0.456, 0.406], np.float32)   # ImageNet statistics, RGB order
+    std = np.array([0.229, 0.224, 0.225], np.float32)
+    other = "cv2" if method == "pil" else "pil"
+    differs_from_other = False
     for s, x in zip(SCALES, sample["scaled"]):
-        assert tuple(x.shape) == (3, round(h * s), round(w * s))
+        size = (round(h * s), round(w * s))
+        assert tuple(x.shape) == (3, *size) and x.dtype == torch.float32
+        reference = original if s == 1.0 else _reference_resize(original, size, method)
+        expected = ((reference.astype(np.float32) / 255.0 - mean) / std).transpose(2, 0, 1)
+        # one grey level is 1/255/std > 0.017: any pixel off by one fails
+        np.testing.assert_allclose(x.numpy(), expected, rtol=0, atol=1e-5, err_msg=f"scale {s}")
+        if s != 1.0:
+            differs_from_other |= not np.array_equal(reference, _reference_resize(original, size, other))
+    assert differs_from_other   # the two references differ here, so the comparison tells them apart
 
 
 def test_inference_dataset_base_long_rescales_before_the_scales(tiny_voc):

@@ -213,7 +213,30 @@ def test_cam_dict_labels_follow_io_convention(tmp_path):
         assert (res["miou"] == 100.0) == (0.30 <= t < 0.37)
     from smaf.io import load_cam_dict
     cams = load_cam_dict(npy_dir / f"{ids[0]}.npy")
-    assert cam_dict_to_label(cams, 0.30).max() > 0
+    label = cam_dict_to_label(cams, 0.30)
+    gt = load_label_png(gt_dir / f"{ids[0]}.png")
+    (cls,) = cams
+    # 0.30 on the background ties with t = 0.30: background; 0.37 on the object is above it: class + 1 (VOC numbering)
+    np.testing.assert_array_equal(label, np.where(cams[cls] == np.float32(0.37), cls + 1, 0))
+    assert np.array_equal(label[1:], gt[1:])  # row 0 is the ignored border
+
+    # A constructed tie, pixel by pixel. Background score t = 0.3 (compared in float32); classes 2 and 7.
+    t = 0.3
+    just_above = np.nextafter(np.float32(t), np.float32(1))
+    a = np.array([[t, t, 0.5, 0.5, 0.2, just_above]], np.float32)   # class 2 (VOC label 3)
+    b = np.array([[t, 0.1, 0.5, 0.6, 0.2, just_above]], np.float32)  # class 7 (VOC label 8)
+    tie = {7: b, 2: a}  # insertion order must not matter: ties go to the smaller class index
+    expected = np.array([[0,   # both classes tie with the background: background
+                          0,   # class 2 ties with the background, class 7 below: background
+                          3,   # classes tie above t: the smaller class index, 2 -> label 3
+                          8,   # class 7 above class 2: label 8
+                          0,   # both below t
+                          3]], np.uint8)  # one float32 step above t wins; the tie between classes -> 3
+    got = cam_dict_to_label(tie, t)
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, expected)
+    # A threshold given as float64 is compared in float32: t exactly is background, the next float32 is not.
+    np.testing.assert_array_equal(cam_dict_to_label({0: np.array([[t, just_above]], np.float32)}, t), [[0, 1]])
 
 
 def test_cli_curve_finds_the_known_best_threshold(tmp_path):
@@ -225,15 +248,16 @@ def test_cli_curve_finds_the_known_best_threshold(tmp_path):
     assert proc.returncode == 0, proc.stderr
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(GT_TUNED_LABEL))
     best_t = float(line.split(":")[1].split("->")[0])
-    assert 0.30 <= best_t < 0.37
-    assert line.endswith("mIoU 100.00")
+    # every t in [0.30, 0.37) gives 100; the rule sends ties to the smallest t, so exactly 0.30
+    assert best_t == 0.30
+    assert line == f"{GT_TUNED_LABEL}: 0.30 -> mIoU 100.00"
     rows = list(csv.DictReader((out / "curve.csv").open()))
     assert len(rows) == 61
     perfect = [float(r["threshold"]) for r in rows if float(r["miou"]) == 100.0]
     assert perfect == pytest.approx([i / 100 for i in range(30, 37)])
     assert (out / "curve.png").stat().st_size > 1000
     report = json.loads((out / "cams.json").read_text())
-    assert report["best_threshold"] == best_t and report["bg_threshold"] == 0.2
+    assert report["best_threshold"] == 0.30 and report["best_miou"] == 100.0 and report["bg_threshold"] == 0.2
     assert "ground truth" in report["best_threshold_note"]
 
 
@@ -292,7 +316,16 @@ def test_curve_outputs_written_directly(tmp_path):
     curve = [(i / 100, 40 + 10 * np.sin(i / 20)) for i in range(61)]
     csv_path = write_curve_csv(curve, tmp_path / "c.csv")
     png_path = plot_curve(curve, tmp_path / "c.png")
-    assert csv_path.read_text().splitlines()[0] == "threshold,miou"
+    lines = csv_path.read_text().splitlines()
+    assert lines[0] == "threshold,miou"
+    assert len(lines) == 1 + len(curve)
+    for line, (t, miou) in zip(lines[1:], curve):   # every row, in order, both columns
+        t_text, miou_text = line.split(",")
+        assert float(t_text) == pytest.approx(t, abs=5e-5) and float(miou_text) == pytest.approx(miou, abs=5e-5)
+    assert lines[1] == "0.0000,40.0000" and lines[21] == f"0.2000,{40 + 10 * np.sin(1):.4f}"
+    # an undefined mIoU (no scored pixels) is an empty cell, not 'None' or 0
+    assert write_curve_csv([(0.1, None), (0.2, 12.5)], tmp_path / "n.csv").read_text() == \
+        "threshold,miou\n0.1000,\n0.2000,12.5000\n"
     from smaf.io import load_image
     img = load_image(png_path)
     assert img.shape == (540, 900, 3) and (img != 255).any()

@@ -83,12 +83,51 @@ def test_end_to_end_produces_every_promised_file(pipeline, tiny_voc):
     assert val_lines, "periodic validation mIoU was not logged"
 
 
-def test_finished_stages_are_skipped(pipeline):
+def _mtimes(folder):
+    """mtime of every output file under ``folder``; the log and the saved config are rewritten by every run."""
+    return {p: p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in ("log.txt", "config.yaml")}
+
+
+def test_finished_stages_are_skipped(pipeline, tiny_voc):
+    from pathlib import Path
+
     cfg, results = pipeline
-    before = (results["final_cls"]).stat().st_mtime_ns
+    work = Path(cfg.work_dir)
+    n_ids = len((tiny_voc / "ImageSets/Segmentation/train.txt").read_text().split())
+    stages = ("train_cls", "fusion", "train_fusion", "pseudo_masks")
+    before = {stage: _mtimes(work / stage) for stage in stages}
+    logs = {stage: (work / stage / "log.txt").read_text() for stage in stages}
+    assert len([p for p in before["fusion"] if p.parent.name in ("cam_npy", "cam_png")]) == 2 * n_ids
+    # prototypes.pt is re-aggregated from proto_stats/ on every run: its values, not its mtime, must stay
+    prototypes = torch.load(work / "fusion" / "prototypes.pt")["prototypes"]
+    del before["fusion"][work / "fusion" / "prototypes.pt"]
+
     assert train_cls.run(cfg) == results["final_cls"]
-    assert results["final_cls"].stat().st_mtime_ns == before
     assert gen_fusion.run(cfg)["miou"] == pytest.approx(results["fusion"]["miou"])
+    assert train_fusion.run(cfg) == results["final_fusion"]
+    gen_pm.run(cfg)
+
+    def new_log(stage):
+        text = (work / stage / "log.txt").read_text()
+        assert text.startswith(logs[stage])
+        return text[len(logs[stage]):]
+
+    # the finished trainings say so and do not train again (no new iteration logged)
+    for stage in ("train_cls", "train_fusion"):
+        added = new_log(stage)
+        assert f"{work / stage / 'final.pth'} exists: training already finished" in added, added
+        assert "iter " not in added.lower() and "resumed from" not in added
+    # every image of the inference list was found finished
+    assert f"{n_ids} of {n_ids} images already done (skipped)" in new_log("fusion")
+    # and nothing was rewritten: weights, checkpoints, maps, PNGs, prototypes (the eval reports may be rewritten)
+    for stage in stages:
+        after = _mtimes(work / stage)
+        keep = {p: t for p, t in before[stage].items() if "eval" not in p.parts}
+        assert set(after) >= set(keep), stage
+        rewritten = [str(p.relative_to(work)) for p, t in keep.items() if after[p] != t]
+        assert rewritten == [], rewritten
+    assert torch.equal(torch.load(work / "fusion" / "prototypes.pt")["prototypes"], prototypes)
 
 
 @pytest.mark.parametrize("stage", ["train_cls", "train_fusion"])
@@ -141,17 +180,80 @@ def test_stage0_loss_falls_on_a_fixed_batch(tiny_voc, tmp_path):
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
 
 
-def test_cam_loss_model_gets_a_background_channel_in_stage2(tiny_voc, tmp_path):
+def _expected_divisor(cam: torch.Tensor, labels: torch.Tensor, c: int) -> float:
+    """The stated rule, computed apart: the mean over the labelled (image, class) pairs of the class's peak CAM
+    logit, at least 1."""
+    peaks = [float(cam[b, k].max()) for b in range(cam.shape[0]) for k in range(c) if labels[b, k] > 0]
+    return max(1.0, sum(peaks) / max(1, len(peaks)))
+
+
+def _check_calibrated(rows_before, cam_before, rows_after, cam_after, divisor, c, how):
+    """The background row starts at zero and the class logits are the old ones divided by ``divisor``."""
+    assert torch.equal(rows_after[c], torch.zeros_like(rows_after[c]))           # background row exactly zero
+    assert torch.equal(cam_after[:, c], torch.zeros_like(cam_after[:, c]))       # so its logit is 0 everywhere
+    torch.testing.assert_close(cam_after[:, :c], cam_before[:, :c] / divisor, rtol=1e-4, atol=1e-5)
+    if how == "weights":   # the class rows themselves divided
+        torch.testing.assert_close(rows_after[:c], rows_before[:c] / divisor, rtol=1e-6, atol=0)
+    else:                  # the rows untouched, a fixed scale on the logits
+        assert torch.equal(rows_after[:c], rows_before[:c])
+
+
+def test_cam_loss_model_gets_a_background_channel_in_stage2(tiny_voc, tmp_path, monkeypatch):
     cfg = tiny_cfg(tiny_voc, tmp_path, "train_cls.method=cam", "train_cls.iterations=2", "train_fusion.iterations=2",
-                   "inference.scales=[1.0]", "inference.flip=false")
+                   "inference.scales=[1.0]", "inference.flip=false", "train_fusion.bg_bias=false")
     train_cls.run(cfg)
     model, spec = load_model(tmp_path / "train_cls" / "final.pth")
     assert spec["args"]["head"] == "cls" and model.num_outputs == 5
+    c = model.num_classes
     gen_fusion.run(cfg)
+    # two iterations leave the mean peak of the labelled classes below 1 (divisor clamped to 1, a division
+    # nobody could see): give the stage-0 classifier the positive logits of tens that a trained one has at its
+    # objects (the features are post-ReLU, so non-negative rows give non-negative CAMs)
+    stage0 = tmp_path / "train_cls" / "final.pth"
+    ckpt = read_checkpoint(stage0)
+    ckpt["model"]["classifier.weight"] = ckpt["model"]["classifier.weight"].abs() * 10.0
+    torch.save(ckpt, stage0)
+    model, _ = load_model(stage0)
+
+    seen = {}
+    real_calibrate = train_fusion.calibrate_background_head
+
+    def recording_calibrate(net, images, labels, how="weights"):
+        with torch.no_grad():
+            seen.update(rows_before=net.classifier.weight.detach().clone(), cam_before=net(images)[1].clone(),
+                        images=images.clone(), labels=labels.clone(), how=how, scale_before=net.logit_scale)
+            divisor = real_calibrate(net, images, labels, how)
+            seen.update(rows_after=net.classifier.weight.detach().clone(), cam_after=net(images)[1].clone(),
+                        divisor=divisor, scale_after=net.logit_scale)
+        return divisor
+
+    monkeypatch.setattr(train_fusion, "calibrate_background_head", recording_calibrate)
     student, spec2 = load_model(train_fusion.run(cfg))
-    assert spec2["args"]["head"] == "smaf" and student.num_outputs == 6
-    # the C trained rows were kept from stage 0 before training moved them; the shapes tell the layout
-    assert student.classifier.weight.shape[0] == 6
+    assert spec2["args"]["head"] == "smaf" and student.num_outputs == 6 and student.classifier.weight.shape[0] == 6
+    # the calibration (config default: calibration=weights) ran once, on the stage-0 model with a new background row
+    assert seen["how"] == "weights" and seen["rows_before"].shape[0] == c + 1
+    assert torch.equal(seen["rows_before"][:c], model.classifier.weight.detach())   # the C rows kept from stage 0
+    divisor = seen["divisor"]
+    assert divisor == pytest.approx(_expected_divisor(seen["cam_before"], seen["labels"], c), rel=1e-5)
+    assert divisor > 1.5, "the stage-0 CAM peaks are too small for the division to be seen"
+    _check_calibrated(seen["rows_before"], seen["cam_before"], seen["rows_after"], seen["cam_after"], divisor, c,
+                      "weights")
+    assert seen["scale_before"] == seen["scale_after"] == 1.0 and spec2["args"].get("logit_scale", 1.0) == 1.0
+    assert f"divided the class rows by the mean peak CAM {divisor:.2f}" in (tmp_path / "train_fusion" /
+                                                                            "log.txt").read_text()
+
+    # calibration=scale on the same stage-0 model and batch: the weights stay, the logits get a fixed 1/divisor
+    scaled, _ = load_model(tmp_path / "train_cls" / "final.pth")
+    scaled.add_background_channel()
+    scaled.eval()
+    with torch.no_grad():
+        rows_before, cam_before = scaled.classifier.weight.detach().clone(), scaled(seen["images"])[1]
+        scale_divisor = real_calibrate(scaled, seen["images"], seen["labels"], "scale")
+        cam_after = scaled(seen["images"])[1]
+    assert scale_divisor == pytest.approx(divisor, rel=1e-5)
+    assert scaled.logit_scale == pytest.approx(1.0 / divisor, rel=1e-6)
+    assert scaled.arch_spec["args"]["logit_scale"] == scaled.logit_scale   # checkpoints rebuild the scale
+    _check_calibrated(rows_before, cam_before, scaled.classifier.weight.detach(), cam_after, divisor, c, "scale")
 
 
 def test_missing_stage_outputs_give_one_line_errors(tiny_voc, tmp_path):
@@ -238,7 +340,13 @@ def test_pipeline_runner_measures_every_stage(tiny_voc, tmp_path):
 
     cfg = tiny_cfg(tiny_voc, tmp_path, "train_cls.iterations=2", "train_fusion.iterations=2",
                    "train_cls.val_every=0", "train_fusion.val_every=0", "inference.scales=[0.5,1.0]")
-    summary = run_pipeline(cfg, denoise_variants=[False, True], figure_rows=2, log=lambda _: None)
+    import json
+    import time
+
+    logged = []
+    start = time.perf_counter()
+    summary = run_pipeline(cfg, denoise_variants=[False, True], figure_rows=2, log=logged.append)
+    wall = time.perf_counter() - start
     assert summary["methods"] == ["eps"] and list(summary["paths"]) == ["eps"]
     path = summary["paths"]["eps"]
     assert set(path["miou"]) == {"train", "val"}
@@ -246,7 +354,22 @@ def test_pipeline_runner_measures_every_stage(tiny_voc, tmp_path):
     assert set(row) == {"single-scale CAM", "fused multi-scale CAM", "self-trained (denoise off)",
                         "self-trained (denoise on)", "self-trained (denoise off) + CRF"}
     assert all(0.0 <= v <= 100.0 for v in row.values())
-    assert len(summary["timings_s"]) == 1 + 4 + 2 + 4 + 1 and all(t >= 0 for t in summary["timings_s"].values())
+    timings = summary["timings_s"]
+    assert list(timings) == [
+        "saliency maps (train + val)", "stage 0: train classifier",
+        "stage 1 single-scale (train)", "stage 1 multi-scale (train)",
+        "stage 1 single-scale (val)", "stage 1 multi-scale (val)",
+        "stage 2: self-training (denoise_off)", "stage 3: pseudo masks + CRF (denoise_off, train)",
+        "stage 3: pseudo masks + CRF (denoise_off, val)", "stage 2: self-training (denoise_on)",
+        "stage 3: pseudo masks (denoise_on, train)", "stage 3: pseudo masks (denoise_on, val)"]
+    # each stage that trains or runs inference took measurable time (the saliency maps of the tiny set may be
+    # reused: 0.0 there is right); together they fit in the wall time of the call (0.05 s rounding each)
+    assert all(t > 0 for k, t in timings.items() if not k.startswith("saliency")), timings
+    assert sum(timings.values()) <= wall + 0.05 * len(timings), (timings, wall)
+    assert summary["total_s"] == round(sum(timings.values()), 1)
+    assert json.loads((tmp_path / "timings.json").read_text()) == timings   # what a rerun keeps
+    for name, t in timings.items():
+        assert f"== {name}: {t:.1f} s" in logged, name
     table = format_summary(summary)
     assert "| val |" in table and "per-image Otsu" in table and "no ground truth" in table
     # the demo config's per-image rule is set beside the fixed score, on the same saved maps (no CRF there)
@@ -272,6 +395,26 @@ def test_pipeline_runner_measures_every_stage(tiny_voc, tmp_path):
     assert (tmp_path / "train_fusion_denoise_on" / "final.pth").is_file()
     assert (tmp_path / "pseudo_masks_denoise_off_val" / "crf_png").is_dir()
     assert not (tmp_path / "pseudo_masks_denoise_on_val" / "crf_png").exists()
+
+
+def test_pipeline_clock_keeps_the_time_measured_when_a_step_ran(tmp_path):
+    """A step that returns in under a fifth of its recorded time reused its outputs: the recorded time stays."""
+    import json
+    import time
+
+    from smaf.pipeline import _Clock
+
+    (tmp_path / "timings.json").write_text(json.dumps({"reused": 5.0, "rerun": 0.1}))
+    logged = []
+    clock = _Clock(tmp_path / "timings.json", logged.append)
+    assert clock("reused", lambda x: x + 1, 1) == 2
+    clock("rerun", time.sleep, 0.3)      # slower than recorded: measured again
+    clock("new", time.sleep, 0.2)
+    assert clock.timings["reused"] == 5.0
+    assert 0.3 <= clock.timings["rerun"] <= 1.5 and 0.2 <= clock.timings["new"] <= 1.5
+    assert logged[0] == "== reused: 5.0 s (measured when it ran; outputs reused now)"
+    assert logged[1] == f"== rerun: {clock.timings['rerun']:.1f} s"
+    assert json.loads((tmp_path / "timings.json").read_text()) == clock.timings
 
 
 #: A tiny stage 4 (a few iterations at a small crop, single-scale inference + CRF) for the runner's tests.

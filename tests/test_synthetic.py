@@ -158,7 +158,9 @@ def test_colour_family_per_class(spread_set):
     """The median hue of each class's pixels sits near that class's hue (colour is informative)."""
     from smaf.data.synthetic import CLASS_SPECS
 
-    hues = {c: [] for c in range(5)}
+    names = (spread_set / "labels.txt").read_text().split()[1:]   # the set's classes (default: the first 5)
+    assert names == [spec.name for spec in CLASS_SPECS[:len(names)]] and len(names) == 5
+    hues = {c: [] for c in range(len(names))}
     for image_id in _all_ids(spread_set)[:20]:
         mask = load_label_png(spread_set / "SegmentationClass" / f"{image_id}.png")
         image = load_image(spread_set / "JPEGImages" / f"{image_id}.jpg")
@@ -167,12 +169,15 @@ def test_colour_family_per_class(spread_set):
             pix = hsv[mask == c]
             pix = pix[pix[:, 1] > 60]              # the saturated main tone
             hues[c - 1] += (pix[:, 0].astype(np.float32) * 360 / 256).tolist()
+    # every class was met, with enough saturated pixels for a hue: none is skipped
+    assert {CLASS_SPECS[c].name: len(v) for c, v in hues.items() if len(v) < 50} == {}
+    checked = []
     for c, values in hues.items():
-        if len(values) < 50:
-            continue
         target = np.deg2rad(CLASS_SPECS[c].hue)
         mean_angle = np.angle(np.mean(np.exp(1j * np.deg2rad(values))))
         assert abs(np.angle(np.exp(1j * (mean_angle - target)))) < np.deg2rad(25), CLASS_SPECS[c].name
+        checked.append(c)
+    assert checked == list(range(len(names)))
 
 
 # ----------------------------------------------------------------------------------- reruns and CLI

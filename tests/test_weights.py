@@ -128,6 +128,19 @@ def target_model() -> ResNet38d:
     return ResNet38d()
 
 
+SENTINEL = -3.0  # no value of resnet_state (BN stats in [-0.5, 1.5], Kaiming-initialised convolutions) is exactly this
+
+
+def scrubbed(model: nn.Module) -> nn.Module:
+    """Every floating tensor of ``model`` (parameters and buffers: BN running stats too) set to SENTINEL, so a
+    tensor that loading does not write cannot pass for one it did."""
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.fill_(SENTINEL)
+    return model
+
+
 def assert_same_state(model: nn.Module, expected: dict[str, torch.Tensor]) -> None:
     actual = model.state_dict()
     for key, value in expected.items():
@@ -311,9 +324,8 @@ def test_checkpoint_layouts_load_into_resnet38d(tmp_path, resnet_state, target_m
     path = tmp_path / f"{layout}.pth"
     torch.save(checkpoint, path)
 
-    with torch.no_grad():
-        for param in target_model.parameters():
-            param.zero_()
+    scrubbed(target_model)  # parameters and buffers: stale running stats from an earlier case cannot pass
+    assert all(torch.all(v == SENTINEL) for k, v in target_model.state_dict().items() if k in resnet_state)
     report = load_weights(target_model, path)
     assert report["format"] == "torch"
     assert len(report["loaded"]) == report["total"] == RESNET38D_TENSORS
@@ -328,18 +340,23 @@ def test_checkpoint_layouts_load_into_resnet38d(tmp_path, resnet_state, target_m
     assert expected_unexpected in printed[0] and "shape-mismatched 0" in printed[0]
 
 
-def test_load_directly_from_mxnet_params_and_partial_report(tmp_path, resnet_state, target_model, capsys):
+def test_load_directly_from_mxnet_params_and_partial_report(tmp_path, resnet_state, capsys):
     subset_keys = ["conv1a.weight", "b3.conv_branch2a.weight", "bn7.running_var"]
     named = {torch_key_to_mxnet(k): resnet_state[k].numpy() for k in subset_keys}
     named["arg:res2a_branch1_weight"] = np.zeros((128, 64, 3, 3), np.float32)  # wrong shape (1x1 expected)
     path = write_params(tmp_path / "partial.params", named, "v3")
+    target_model = scrubbed(ResNet38d())  # fresh: no earlier test's loaded values in it
     report = load_weights(target_model, path)
     assert report["format"] == "mxnet"
     assert sorted(report["loaded"]) == sorted(subset_keys)
     assert report["shape_mismatched"] == [("b2.conv_branch1.weight", (128, 64, 3, 3), (128, 64, 1, 1))]
     assert len(report["missing"]) == RESNET38D_TENSORS - 4 and "b2.conv_branch1.weight" not in report["missing"]
+    after = target_model.state_dict()
     for key in subset_keys:
-        assert torch.equal(target_model.state_dict()[key], resnet_state[key])
+        assert torch.equal(after[key], resnet_state[key]), key
+    # Partial: every tensor not in the file, and the shape-mismatched one, is left as it was.
+    for key in [*report["missing"], "b2.conv_branch1.weight"]:
+        assert torch.all(after[key] == SENTINEL), key
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"loaded 3/{RESNET38D_TENSORS} tensors")
     assert "shape-mismatched 1 (e.g. b2.conv_branch1.weight [128, 64, 3, 3] vs model [128, 64, 1, 1])" in line
