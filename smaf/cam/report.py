@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import dist
 from ..evaluate.folder import evaluate_folder, write_report
 from ..io import load_cam_dict
 from ..metrics import format_table
@@ -57,3 +58,15 @@ def evaluate_outputs(layout, out_dir: Path, subfolder: str, eval_ids: list, logg
     write_report(result, out_dir / EVAL, name or subfolder)
     logger.info("%s", format_table(result, title=f"{out_dir.name}/{subfolder} on {len(eval_ids)} images"))
     return result
+
+
+def score_png_folder(layout, png_dir: Path, eval_ids: list, logger) -> float | None:
+    """mIoU of the label PNGs in ``png_dir`` on ``eval_ids`` (report in ``<png_dir>/../eval/``), computed on rank 0
+    (None on the other ranks, or when masks are missing or an id was not produced); every rank waits for it."""
+    miou = None
+    if dist.is_main():
+        done = {p.stem for p in png_dir.glob("*.png")}
+        evaluation = evaluate_outputs(layout, png_dir.parent, png_dir.name, eval_ids, logger, done)
+        miou = evaluation["miou"] if evaluation else None
+    dist.barrier()
+    return miou

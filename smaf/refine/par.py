@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .pool import stack_cam_maps
+
 #: AFA's constants (related-methods.md §7, step 4).
 PAR_DILATIONS = (1, 2, 4, 8, 12, 24)
 PAR_ITERATIONS = 10
@@ -273,10 +275,7 @@ class PARRefiner:
         keys = sorted(cams)
         if not keys:
             return np.zeros((h, w), np.uint8), {}
-        maps = torch.from_numpy(np.stack([np.asarray(cams[k], np.float32) for k in keys])).to(self.device)
-        if maps.shape[1:] != (h, w):
-            raise ValueError(f"CAM maps are {tuple(maps.shape[1:])} but the image is {(h, w)}: the .npy dicts must "
-                             f"be at image size (as stage 1 writes them)")
+        maps = stack_cam_maps(cams, keys, (h, w), self.device)
         b = float(self.bg_rule(maps))
         scores = torch.cat([torch.full_like(maps[:1], b), maps])
         if self.params.softmax:

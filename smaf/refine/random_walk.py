@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.affinity import PSA_RADIUS, psa_offsets
+from .pool import stack_cam_maps
 
 BG_MODES = ("power", "constant", "rule")
 RW_STRIDE = 8
@@ -259,10 +260,7 @@ class RandomWalkRefiner:
         keys = sorted(cams)
         if not keys:
             return np.zeros((h, w), np.uint8), {}
-        maps = torch.from_numpy(np.stack([np.asarray(cams[k], np.float32) for k in keys])).to(self.device)
-        if maps.shape[1:] != (h, w):
-            raise ValueError(f"CAM maps are {tuple(maps.shape[1:])} but the image is {(h, w)}: the .npy dicts must "
-                             f"be at image size (as stage 1 writes them)")
+        maps = stack_cam_maps(cams, keys, (h, w), self.device)
         hi, wi = input_size
         gh, gw = f.shape[-2:]
         p = self.params

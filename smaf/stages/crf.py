@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import dist
-from ..cam.report import evaluate_outputs
+from ..cam.report import score_png_folder
 from ..data.voc import VOCLayout, check_inputs
 from ..refine import CRFLabelRefiner, refine_folder
 from ..run_layout import CRF_PNG, RunLayout
@@ -41,12 +41,8 @@ def run(cfg) -> dict:
                   overlay_ids=ids[:sect.overlays], desc="crf")
     dist.barrier()
     result = {"output_dir": output_dir, "miou": None}
-    if dist.is_main():
-        eval_ids = layout.read_list(pick(sect.eval_list, cfg.data.infer_list))
-        done = {p.stem for p in output_dir.glob("*.png")}
-        evaluation = evaluate_outputs(layout, output_dir.parent, output_dir.name, eval_ids, logger, done)
-        result["miou"] = evaluation["miou"] if evaluation else None
-    dist.barrier()
+    result["miou"] = score_png_folder(layout, output_dir,
+                                      layout.read_list(pick(sect.eval_list, cfg.data.infer_list)), logger)
     return result
 
 

@@ -19,7 +19,7 @@ import time
 
 from .. import dist
 from ..cam.background import BackgroundRule
-from ..cam.report import evaluate_outputs
+from ..cam.report import score_png_folder
 from ..refine.par import PARParams, PARRefiner
 from ..refine.pool import cam_folder_ids, refine_folder
 from ..run_layout import CAM_NPY, CAM_PNG, RunLayout
@@ -51,12 +51,8 @@ def run(cfg) -> dict:
     dist.barrier()
     result = {"miou": None, "out_dir": out_dir, "png_dir": png_dir, "npy_dir": npy_dir, "refined": refined,
               "seconds": seconds}
-    if dist.is_main():
-        eval_ids = layout.read_list(pick(sect.eval_list, cfg.data.infer_list))
-        done = {p.stem for p in png_dir.glob("*.png")}
-        evaluation = evaluate_outputs(layout, out_dir, CAM_PNG, eval_ids, logger, done)
-        result["miou"] = evaluation["miou"] if evaluation else None
-    dist.barrier()
+    result["miou"] = score_png_folder(layout, png_dir, layout.read_list(pick(sect.eval_list, cfg.data.infer_list)),
+                                      logger)
     return result
 
 
