@@ -124,20 +124,33 @@ def _parse_value(text: str, default: Any, key: str) -> Any:
         except ValueError:
             raise ConfigError(f"{key}={text}: expected a number") from None
     if isinstance(default, (list, tuple)):
-        value = yaml.safe_load(text if text.strip().startswith("[") else f"[{text}]")
+        value = _yaml_value(text if text.strip().startswith("[") else f"[{text}]", key, text,
+                            "a list such as [0.5,1.0]")
         if not isinstance(value, list):
             raise ConfigError(f"{key}={text}: expected a list such as [0.5,1.0]")
-        if default and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in default):
-            try:
-                value = [type(default[0])(v) if isinstance(default[0], float) else v for v in value]
-            except (TypeError, ValueError):
-                raise ConfigError(f"{key}={text}: expected a list of numbers") from None
+        if default and all(_is_number(v) for v in default):
+            if not all(_is_number(v) for v in value):
+                raise ConfigError(f"{key}={text}: expected a list of numbers")
+            if isinstance(default[0], float):
+                value = [float(v) for v in value]
         return value
     if isinstance(default, Mapping):
         raise ConfigError(f"{key} is a section; set one of its keys: {', '.join(sorted(default))}")
     if default is None:
-        return yaml.safe_load(text)
+        return _yaml_value(text, key, text, "a YAML value")
     return text
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _yaml_value(source: str, key: str, text: str, expected: str) -> Any:
+    """``source`` parsed as YAML; malformed YAML is a one-line ConfigError for the override ``key=text``."""
+    try:
+        return yaml.safe_load(source)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{key}={text}: expected {expected} ({str(err).splitlines()[0]})") from None
 
 
 def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:

@@ -24,7 +24,9 @@ checkpoints record, so a later stage rebuilds the network from the file alone.
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 import time
 from pathlib import Path
 
@@ -83,8 +85,17 @@ def section_name(cfg, sect) -> str:
 
 def check_training_section(sect, section: str) -> None:
     """ConfigError naming the key for a training length, batch or period that cannot work: ``iterations``,
-    ``batch_size`` and ``log_every`` must be >= 1; ``ckpt_every`` and ``val_every`` >= 0 (0 = never)."""
+    ``batch_size`` and ``log_every`` must be >= 1; ``ckpt_every`` and ``val_every`` >= 0 (0 = never); the
+    global ``batch_size`` must split evenly over the processes (the process group's size, or torchrun's
+    ``WORLD_SIZE`` before the group exists), checked here so that no output folder is made for a run that
+    cannot start."""
+    from .config import ConfigError
+
     check_positive(sect, section, ("iterations", "batch_size", "log_every"), ("ckpt_every", "val_every"))
+    world = dist.world_size() if dist.is_distributed() else int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if "batch_size" in sect and int(sect.batch_size) % world:
+        raise ConfigError(f"{section}.batch_size={int(sect.batch_size)}: the global batch must be divisible by the "
+                          f"{world} processes; set {section}.batch_size to a multiple of {world}")
 
 
 def check_resume_checkpoint(sect, section: str, layout, head: str | None = None) -> None:
@@ -350,7 +361,11 @@ def _save_training_checkpoint(ckpt_dir, it, model, optimizer, scaler, extras, de
                         optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                         extras={k: v.state_dict() for k, v in extras.items()}, rng=states,
                         log_window=log_window or {"count": 0, "sums": {}})
-        old = sorted(ckpt_dir.glob("iter_*.pth"))[:-KEEP_CHECKPOINTS]
+        found = sorted((int(m.group(1)), p) for p in ckpt_dir.glob("iter_*.pth")
+                       if (m := re.fullmatch(r"iter_(\d+)\.pth", p.name)))
+        # checkpoints past this iteration are an earlier run's (resume=none, or resume=<path> of an older one):
+        # removed, or they would outlive this run's and resume=auto would continue the other run
+        old = [p for n, p in found if n <= it][:-KEEP_CHECKPOINTS] + [p for n, p in found if n > it]
         for p in old:
             p.unlink(missing_ok=True)
     dist.barrier()

@@ -219,7 +219,12 @@ def run_pipeline(cfg, denoise_variants=None, figure_rows: int = 4, log=print, me
         get_method(m)   # an unknown method, or a bad key of its path overrides, fails before any work
         apply_overrides(derive(cfg), cfg.pipeline.path_overrides.get(m, []))
     clock = _Clock(work / "timings.json", log)
-    if baselines or any(get_method(m).needs_saliency for m in methods):
+
+    def needs_saliency(m: str) -> bool:   # ppc needs it on base eps only: ask with the path's own options
+        path_cfg = apply_overrides(derive(cfg, train_cls__method=m), cfg.pipeline.path_overrides.get(m, []))
+        return get_method(m).needs_saliency_for(path_cfg.train_cls.get(m))
+
+    if baselines or any(needs_saliency(m) for m in methods):
         clock("saliency maps (train + val)", saliency.run, derive(cfg, saliency__lists=[]))
     paths, seg_pseudo, seg_warnings = {}, {}, []
     for m in methods:

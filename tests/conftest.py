@@ -1,5 +1,7 @@
 """Shared fixtures. Real data lives in ``../shared`` beside the repository (never copied into it);
-tests that need it skip with a reason when it is absent."""
+tests that need it skip with a reason when it is absent, and fail with that reason when
+``SMAF_REQUIRE_SHARED=1`` (CI sets it: CI always has ``../shared``, so a missing set there is an error, never a
+silent skip). Every real-data test goes through these fixtures (or :func:`real_data_missing`)."""
 from __future__ import annotations
 
 import os
@@ -12,13 +14,23 @@ SHARED = Path(os.environ.get("SMAF_SHARED", REPO_ROOT.parent / "shared"))
 PETS_ROOT = SHARED / "data" / "pets"
 VOC_META = SHARED / "data" / "voc12"
 MSRC_ROOT = SHARED / "data" / "msrc"
+#: Set to 1 by .ci/run: real data that is absent fails the tests that need it instead of skipping them.
+REQUIRE_SHARED_ENV = "SMAF_REQUIRE_SHARED"
+
+
+def real_data_missing(reason: str):
+    """Skip the running test with ``reason`` (real data absent), or fail it with the same reason when
+    ``SMAF_REQUIRE_SHARED=1``."""
+    if os.environ.get(REQUIRE_SHARED_ENV) == "1":
+        pytest.fail(f"{reason}; {REQUIRE_SHARED_ENV}=1 (CI) requires it", pytrace=False)
+    pytest.skip(reason)
 
 
 @pytest.fixture
 def pets_root() -> Path:
     """The real Oxford-IIIT Pet subset in VOC layout (skips when ../shared is absent)."""
     if not (PETS_ROOT / "JPEGImages").is_dir():
-        pytest.skip(f"real Pet subset not found at {PETS_ROOT} (../shared beside the repo, or set SMAF_SHARED)")
+        real_data_missing(f"real Pet subset not found at {PETS_ROOT} (../shared beside the repo, or set SMAF_SHARED)")
     return PETS_ROOT
 
 
@@ -26,7 +38,7 @@ def pets_root() -> Path:
 def msrc_root() -> Path:
     """The real MSRC-v2 set mapped to VOC classes, VOC layout (skips when ../shared is absent)."""
     if not (MSRC_ROOT / "JPEGImages").is_dir():
-        pytest.skip(f"real MSRC set not found at {MSRC_ROOT} (../shared beside the repo, or set SMAF_SHARED)")
+        real_data_missing(f"real MSRC set not found at {MSRC_ROOT} (../shared beside the repo, or set SMAF_SHARED)")
     return MSRC_ROOT
 
 
@@ -34,7 +46,7 @@ def msrc_root() -> Path:
 def voc_meta() -> Path:
     """Real VOC 2012 metadata and val masks (skips when ../shared is absent)."""
     if not (VOC_META / "SegmentationClassAug_val").is_dir():
-        pytest.skip(f"VOC metadata not found at {VOC_META} (../shared beside the repo, or set SMAF_SHARED)")
+        real_data_missing(f"VOC metadata not found at {VOC_META} (../shared beside the repo, or set SMAF_SHARED)")
     return VOC_META
 
 

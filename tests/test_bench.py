@@ -151,3 +151,22 @@ def test_efficientnet_cpu_inference_padding_is_exact():
         fast = net(x)["conv6"]
     slow = net(x)["conv6"].detach()   # autograd on: the implicit-padding path
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)  # bit-identical on the dev machine
+
+
+def test_bench_section_e_times_the_refiners_on_voc_sized_images(tiny_voc, tmp_path, capsys):
+    """Section e runs from the command line on VOC-sized inputs whatever --data holds (the tiny set's images are
+    64-96 px), and its target row is the walk's measured time against 2 s on a CPU."""
+    out = tmp_path / "bench.json"
+    code = bench_cli.main(["--device", "cpu", "--data", str(tiny_voc), "--sections", "e", "--refine-images", "1",
+                           "--repeats", "1", "--work-dir", str(tmp_path / "work"), "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert "e. affinity refiners" in capsys.readouterr().out
+    refiners = report["refiners"]
+    assert refiners["image_sizes"] == [[375, 500]] and refiners["num_images"] == 1
+    walk_s = refiners["rw_walk"]["seconds_per_image"]
+    assert refiners["rw_pass"] is (walk_s < 2.0)
+    (row,) = [t for t in report["targets"] if t["name"].startswith("random walk of one VOC-sized image on CPU")]
+    assert row["pass"] is refiners["rw_pass"] and f"{1000 * walk_s:.1f} ms" in row["detail"]
+    assert [t["pass"] for t in report["targets"] if "on GPU < 50 ms" in t["name"]] == [None]
+    assert "fusion" not in report and "crf" not in report

@@ -85,30 +85,37 @@ def overrides(root: Path, work_dir: Path, *extra: str) -> list:
             "inference.scales=[0.5,1.0,1.5]", "fusion.overlays=2", *extra]
 
 
-def launch(stage: str, over: list, record: Path, world: int) -> list:
-    """Run ``stage`` in ``world`` processes (torchrun-style environment); returns each rank's events."""
-    record.mkdir(parents=True, exist_ok=True)
-    script = record / "rank_main.py"
-    script.write_text(RANK_SCRIPT)
+def run_ranks(argv: list, record: Path, world: int, timeout_s: float = TIMEOUT_S) -> list:
+    """Run ``python argv...`` in ``world`` processes with a torchrun-style environment (one intra-op thread
+    each, a free port); fails with a rank's output tail when one exits non-zero; returns the events each rank
+    wrote to ``record/rank<r>.json``."""
     port = free_port()
     procs = []
     for rank in range(world):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
                    OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                    LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, str(script), stage, json.dumps(over), str(record)], env=env,
-                                      cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(subprocess.Popen([sys.executable, *argv], env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
     outputs = []
     try:
         for p in procs:
-            outputs.append(p.communicate(timeout=TIMEOUT_S)[0])
+            outputs.append(p.communicate(timeout=timeout_s)[0])
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
     for rank, (p, out) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"rank {rank} of {stage} failed (exit {p.returncode}):\n{out[-4000:]}"
+        assert p.returncode == 0, f"rank {rank} of {argv[1:2]} failed (exit {p.returncode}):\n{out[-4000:]}"
     return [json.loads((record / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def launch(stage: str, over: list, record: Path, world: int) -> list:
+    """Run ``stage`` in ``world`` processes (torchrun-style environment); returns each rank's events."""
+    record.mkdir(parents=True, exist_ok=True)
+    script = record / "rank_main.py"
+    script.write_text(RANK_SCRIPT)
+    return run_ranks([str(script), stage, json.dumps(over), str(record)], record, world)
 
 
 @pytest.fixture(scope="module")

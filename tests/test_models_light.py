@@ -13,7 +13,7 @@ from PIL import Image
 
 from smaf.io import load_image
 from smaf.models.fold import onednn_pointwise_available
-from smaf.models import BACKBONES, CAMNet, build_backbone, build_model
+from smaf.models import BACKBONE_OUTPUT_STRIDES, BACKBONES, CAMNet, build_backbone, build_model
 from smaf.models import efficientnet_lite
 from smaf.models.efficientnet_lite import (
     EfficientNetLite0,
@@ -230,7 +230,8 @@ def test_factory_errors():
         build_model({"backbone": "efficientnet_lite0", "pretrained": "", "output_stride": 16, "head": "smaf"}, 3)
     with pytest.raises(FileNotFoundError):
         build_model(_efficientnet_config(pretrained="/nonexistent/weights.pth"), num_classes=3)
-    assert set(BACKBONES) == {"resnet38d", "efficientnet_lite0"}
+    assert set(BACKBONES) == {"resnet38d", "efficientnet_lite0", "vit_s14_focus", *(f"mit_b{i}" for i in range(6))}
+    assert set(BACKBONE_OUTPUT_STRIDES) == set(BACKBONES)
 
 
 # ------------------------------------------------------------------------------------------ real weights

@@ -1,6 +1,6 @@
 """Throughput benchmark of the pipeline's hot paths (``bash script/bench.sh`` = ``python -m smaf.bench``), one
-module per section (:mod:`.fusion` a, :mod:`.crf` b, :mod:`.evaluation` c, :mod:`.training` d), the shared
-data and helpers (:mod:`.common`), the report (:mod:`.report`) and the command line (:mod:`.cli`). The library
+module per section (:mod:`.fusion` a, :mod:`.crf` b, :mod:`.evaluation` c, :mod:`.training` d, :mod:`.refine` e),
+the shared data and helpers (:mod:`.common`), the report (:mod:`.report`) and the command line (:mod:`.cli`). The library
 core never imports it.
 
 One run measures, on the same model and the same images:
@@ -26,6 +26,10 @@ d. training steps: stage 0 (the ``eps`` method's step, :mod:`smaf.methods.eps`) 
    forward/backward, then the EMA / prototype update), each with the poly SGD step; peak memory (CUDA:
    ``max_memory_allocated`` with AMP off, fp16 and bf16; CPU: peak RSS, AMP off and bf16 where the CPU has
    native bf16 kernels).
+e. the affinity refiners (:mod:`.refine`): PAR over a CAM dict, and the AffinityNet random walk split into the
+   network's forward pass and the walk itself, per VOC-sized (375 x 500) image with two classes (synthetic
+   textured images and smooth CAMs: the cost depends on the size and class count, not on the content),
+   against the walk's target (< 2 s on a CPU, < 50 ms on a GPU; network excluded).
 
 Section a also times our path under bf16 autocast (fp16 on CUDA without bf16) where the device has fast
 kernels, against the fp32 baseline with the AMP tolerance 2e-2 (``--no-amp`` skips it).

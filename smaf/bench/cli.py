@@ -16,19 +16,25 @@ from .common import BACKBONES, SCALES, SECTIONS, WARMUP_ID, _pick_ids, load_aver
 from .crf import bench_crf
 from .evaluation import bench_eval_section
 from .fusion import bench_fusion
+from .refine import bench_refiners
+from .refine import synthetic_inputs as synthetic_refiner_inputs
 from .report import collect_targets, environment, format_report
 from .training import bench_training
 
 
 _DESCRIPTION = ("Throughput benchmark of the pipeline's hot paths: a fused maps (ours vs a per-image baseline), b CRF "
-                "(1 worker vs a pool), c evaluation, d training steps (see smaf/bench/__init__.py).")
+                "(1 worker vs a pool), c evaluation, d training steps, e the affinity refiners (PAR, random walk) "
+                "on VOC-sized images (see smaf/bench/__init__.py).")
 
 
 def parse_args(argv=None):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(prog="python -m smaf.bench", description=_DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default="a,b,c,d", help="subset of a,b,c,d (default all)")
+    p.add_argument("--sections", default="a,b,c,d,e", help="subset of a,b,c,d,e (default all)")
+    p.add_argument("--refine-images", type=int, default=None,
+                   help="section e: VOC-sized (375 x 500) images for PAR and the random walk (default 4 on CPU, 16 "
+                        "on CUDA)")
     p.add_argument("--backbones", default=",".join(BACKBONES), help="comma list (default both)")
     p.add_argument("--images", type=int, default=None, help="images (default 16 on CPU, 64 on CUDA)")
     p.add_argument("--r38-images", type=int, default=None,
@@ -75,6 +81,7 @@ def parse_args(argv=None):
         p.error("--device cuda: CUDA is not available")
     on_gpu = args.device == "cuda"
     args.images = args.images or (64 if on_gpu else 16)
+    args.refine_images = args.refine_images or (16 if on_gpu else 4)
     args.r38_images = args.r38_images or (args.images if on_gpu else 1)
     args.size = args.size if args.size is not None else (500 if on_gpu else 160)
     args.r38_size = args.r38_size if args.r38_size is not None else (500 if on_gpu else 160)
@@ -163,6 +170,12 @@ def run(args) -> dict:
                         report["training"].append(row)
                         if device.type == "cuda":   # the measure's model and batches are gone with its frame
                             torch.cuda.empty_cache()
+        if "e" in args.sections:
+            # VOC-sized inputs whatever --data holds: the random walk's target is per 500 x 375 image, and its
+            # cost depends on the size and class count only, not on the content
+            print(f"[e] refiners: {args.refine_images} VOC-sized images ...", file=sys.stderr, flush=True)
+            images, cams = synthetic_refiner_inputs(num_images=args.refine_images)
+            report["refiners"] = bench_refiners(images, cams, device=device, repeats=args.repeats)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     for r in report.get("fusion", []):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = ("a", "b", "c", "d")
+SECTIONS = ("a", "b", "c", "d", "e")
 BACKBONES = ("efficientnet_lite0", "resnet38d")
 SCALES = (0.5, 1.0, 1.5, 2.0)
 BG_THRESHOLD = 0.2

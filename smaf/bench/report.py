@@ -84,6 +84,11 @@ def format_report(report: dict) -> str:
                                f"{r['images_per_s']:.2f}", mem], w))
         if report["environment"]["device"] == "cpu":
             lines.append("   CPU: fp16 autocast is CUDA-only; bf16 rows only on CPUs with native bf16 kernels")
+    if "refiners" in report:
+        from .refine import format_refiners
+
+        lines += ["", "e. affinity " + format_refiners(report["refiners"]),
+                  "   (synthetic textured images with smooth CAMs: the cost depends on size and class count only)"]
     if "targets" in report:
         lines += ["", "targets:"]
         for t in report["targets"]:
@@ -132,4 +137,15 @@ def collect_targets(report: dict, device: torch.device) -> list:
         else:
             targets.append({"name": "training batch 8 crop 448 ResNet-38 with AMP fits in 24 GB", "pass": None,
                             "detail": "not measured: run section d with resnet38d, batch 8, crop 448"})
+    if "refiners" in report:
+        r = report["refiners"]
+        where = "GPU" if device.type == "cuda" else "CPU"
+        targets.append({"name": f"random walk of one VOC-sized image on {where} < {1000 * r['rw_target_s']:.0f} ms "
+                                f"(walk, network excluded)", "pass": r["rw_pass"],
+                        "detail": f"{1000 * r['rw_walk']['seconds_per_image']:.1f} ms (network "
+                                  f"{1000 * r['rw_network']['seconds_per_image']:.1f} ms, PAR "
+                                  f"{1000 * r['par']['seconds_per_image']:.1f} ms)"})
+        if device.type != "cuda":
+            targets.append({"name": "random walk of one VOC-sized image on GPU < 50 ms", "pass": None,
+                            "detail": "not measured: no GPU"})
     return targets

@@ -145,9 +145,13 @@ def _main(argv: list[str] | None) -> int:
             raise ValueError("--curve sweeps constant background scores: give --bg a number (or leave it out)")
         bg = DEFAULT_BG if args.bg is None else args.bg
         grid = list(DEFAULT_THRESHOLDS)
-        thr, confs = sweep_confusions(pred_dir, gt_dir, ids, class_names, grid + [bg], workers=args.workers)
-        on_grid = {round(t, 6) for t in grid}
-        curve = [(float(t), scores(c, class_names)["miou"]) for t, c in zip(thr, confs) if round(t, 6) in on_grid]
+        # an off-grid --bg is swept too, unless it equals a grid point in float32 (the precision thresholds are
+        # compared in): that point's matrix is then bg's. The curve holds the grid points only, exactly.
+        same_as_grid = bool((np.asarray(grid, np.float32) == np.float32(bg)).any())
+        thr, confs = sweep_confusions(pred_dir, gt_dir, ids, class_names, grid + ([] if same_as_grid else [bg]),
+                                      workers=args.workers)
+        on_grid = set(grid)
+        curve = [(float(t), scores(c, class_names)["miou"]) for t, c in zip(thr, confs) if float(t) in on_grid]
         at_bg = scores(confs[int(np.argmin(np.abs(thr - bg)))], class_names, num_images=len(ids))
         at_bg["bg_threshold"] = bg
         best_t, best_miou = best_threshold(curve)

@@ -9,7 +9,9 @@ Head on ``resnet38d`` (PSA)::
 
 the same head on ``efficientnet_lite0`` takes three levels of the backbone: ``conv3`` (40 ch, stride 8),
 ``conv4`` (112 ch, stride 8 or 16) and ``conv6`` (1280 ch, the output stride); coarser levels are upsampled
-bilinearly to the stride-8 grid of ``conv3``, so f is always at stride 8: h = ceil(H / 8), w = ceil(W / 8).
+bilinearly to the stride-8 grid of ``conv3``, so f is always at stride 8: h = ceil(H / 8), w = ceil(W / 8). On
+the MiT backbones (``mit_b0`` ... ``mit_b5``) the levels are ``stage2`` (stride 8), ``stage3`` and ``conv6``
+(stage 4), the same way.
 All head convs have no bias; the three level convs are kaiming-normal initialised, the last one xavier-uniform
 with gain 4 (PSA).
 
@@ -38,7 +40,11 @@ LEVEL_WIDTHS = (64, 128, 256)
 BACKBONE_LEVELS = {
     "resnet38d": (("conv4", 512), ("conv5", 1024), ("conv6", 4096)),
     "efficientnet_lite0": (("conv3", 40), ("conv4", 112), ("conv6", 1280)),
+    # MiT: stage 2 (stride 8), stage 3 (8 or 16), stage 4 (the output stride); widths of smaf.models.mit
+    "mit_b0": (("stage2", 64), ("stage3", 160), ("conv6", 256)),
+    **{f"mit_b{i}": (("stage2", 128), ("stage3", 320), ("conv6", 512)) for i in range(1, 6)},
 }
+# vit_s14_focus has no entry: its single token grid is at stride 14, and the PSA pairs live on the stride-8 grid.
 PSA_RADIUS = 5
 IGNORE = 255
 EPS = 1e-5
@@ -128,7 +134,7 @@ class AffinityNet(nn.Module):
         levels: ``((key, channels), ...)``, three feature levels (:data:`BACKBONE_LEVELS`).
 
     ``forward(x)`` with x (B, 3, H, W) ImageNet-normalised RGB returns f (B, 448, ceil(H/8), ceil(W/8)), on the
-    grid of the first level (stride 8 for both backbones).
+    grid of the first level (stride 8 on every backbone of :data:`BACKBONE_LEVELS`).
     """
 
     def __init__(self, backbone: nn.Module, levels):
@@ -176,8 +182,8 @@ class AffinityNet(nn.Module):
 
 @register_architecture("affinity_net")
 def build_affinity_net(backbone: str = "resnet38d", output_stride: int = 8, pretrained: str = "") -> AffinityNet:
-    """AffinityNet on ``backbone`` (``resnet38d`` or ``efficientnet_lite0``; ``output_stride`` for the latter:
-    8 or 16, f is at stride 8 either way). ``pretrained`` ('' = random init, a file, or 'imagenet') is not
+    """AffinityNet on ``backbone`` (a key of :data:`BACKBONE_LEVELS`; ``output_stride`` for efficientnet_lite0
+    and the MiT backbones: 8 or 16, f is at stride 8 either way). ``pretrained`` ('' = random init, a file, or 'imagenet') is not
     recorded in the architecture's arguments."""
     from . import build_backbone
 

@@ -9,6 +9,13 @@ head "smaf" (EPS layout, background LAST)::
 channels 0..C-1 are the foreground classes, channel C the background. head "cls" is the same with C outputs
 (a plain CAM classifier, no background channel); :meth:`CAMNet.add_background_channel` turns it into "smaf".
 
+Auxiliary heads, trained by some stage-0 methods (:mod:`smaf.methods`) and recorded in the architecture spec, so
+a checkpoint rebuilds them; ``forward(x)`` never runs them, ``forward(x, aux=True)`` returns their outputs too:
+
+* ``pcm``: SEAM's pixel correlation module (:mod:`smaf.models.pcm`) on two intermediate backbone levels;
+* ``projection_dim`` P > 0: PPC's projection 1x1 conv D -> P + ReLU on the backbone's conv6;
+* ``subcategories`` K > 0: SC-CAM's sub-category classifier, a 1x1 conv feat_dim -> C*K (no bias) on f.
+
 Every BatchNorm of the network, the head's included, stays in eval mode with frozen affine parameters even after
 ``.train()`` (as the reference's ``train()`` override does): batch statistics of 8 crops never leak into the
 features, and data-parallel training gives the same result as one process. The head's BN therefore keeps its
@@ -18,7 +25,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from .pcm import PixelCorrelationModule, pcm_input
 from .registry import register_architecture
 
 HEAD_TYPES = ("smaf", "cls")
@@ -45,14 +54,20 @@ class CAMNet(nn.Module):
         num_classes: C, the number of foreground classes.
         head: "smaf" (C+1 outputs, background last) or "cls" (C outputs).
         feat_dim: channels of the feature f (128 in SMAF).
+        pcm_levels: ((key, channels), (key, channels)) of the two backbone levels SEAM's PCM reads; None = no PCM.
+        projection_dim: channels of PPC's projection head (0 = none).
+        subcategories: K sub-categories per class of SC-CAM's head (0 = none).
 
-    Attributes: ``num_classes`` (C), ``has_background`` (bool), ``num_outputs`` (K = C+1 or C), ``feat_dim``.
+    Attributes: ``num_classes`` (C), ``has_background`` (bool), ``num_outputs`` (K = C+1 or C), ``feat_dim``;
+    ``pcm``, ``projection``, ``subcategory_classifier`` (each None when absent).
     """
 
     CONV_BN_ACT = (("feature_conv", "feature_bn", "feature_relu"),)   # for smaf.models.fold
 
     def __init__(self, backbone: nn.Module, num_classes: int, head: str = "smaf", feat_dim: int = 128,
-                 bg_bias: bool = False, logit_scale: float = 1.0):
+                 bg_bias: bool = False, logit_scale: float = 1.0,
+                 pcm_levels: tuple[tuple[str, int], tuple[str, int]] | None = None, projection_dim: int = 0,
+                 subcategories: int = 0):
         super().__init__()
         if head not in HEAD_TYPES:
             raise ValueError(f"CAMNet: head must be one of {', '.join(HEAD_TYPES)}, got '{head}'")
@@ -72,6 +87,17 @@ class CAMNet(nn.Module):
         self.register_parameter("bg_bias", None)
         if bg_bias:
             self.add_background_bias(0.0)
+        self.pcm_level_keys = tuple(key for key, _ in pcm_levels) if pcm_levels else ()
+        self.pcm = PixelCorrelationModule(tuple(c for _, c in pcm_levels)) if pcm_levels else None
+        self.projection = None
+        if projection_dim:
+            self.projection = nn.Conv2d(backbone.out_channels, int(projection_dim), 1, bias=False)
+            nn.init.xavier_uniform_(self.projection.weight)
+        self.subcategories = int(subcategories)
+        self.subcategory_classifier = None
+        if subcategories:
+            self.subcategory_classifier = nn.Conv2d(feat_dim, num_classes * self.subcategories, 1, bias=False)
+            nn.init.xavier_uniform_(self.subcategory_classifier.weight)
         freeze_batchnorm(self)
 
     @property
@@ -81,7 +107,8 @@ class CAMNet(nn.Module):
 
     def head_modules(self) -> list[nn.Module]:
         """The newly initialised layers (trained with the 10x / 20x learning rates)."""
-        return [self.feature_conv, self.feature_bn, self.classifier]
+        aux = [m for m in (self.pcm, self.projection, self.subcategory_classifier) if m is not None]
+        return [self.feature_conv, self.feature_bn, self.classifier] + aux
 
     def _head_params(self) -> set[int]:
         ids = {id(p) for m in self.head_modules() for p in m.parameters()}
@@ -89,10 +116,16 @@ class CAMNet(nn.Module):
             ids.add(id(self.bg_bias))
         return ids
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, aux: bool = False):
         """x (B, 3, H, W) ImageNet-normalised RGB -> (logits (B, K), cam (B, K, h, w), f (B, feat_dim, h, w)),
-        with (h, w) = the backbone's feature size (H/8 for ResNet-38) and logits = mean of cam over h, w."""
-        features = self.backbone(x)["conv6"]
+        with (h, w) = the backbone's feature size (H/8 for ResNet-38) and logits = mean of cam over h, w.
+
+        With ``aux=True`` a 4th element, a dict: ``'backbone'`` (the backbone's feature dict, e.g. 'conv4',
+        'conv5', 'conv6') and the outputs of the auxiliary heads the network has: ``'cam_rv'`` (B, C+1, h, w),
+        the PCM-refined :func:`~smaf.models.pcm.pcm_input` of cam (background last); ``'projection'``
+        (B, P, h, w); ``'subcategory_logits'`` (B, C*K), the spatial mean of the sub-category CAM."""
+        levels = self.backbone(x)
+        features = levels["conv6"]
         f = self.feature_relu(self.feature_bn(self.feature_conv(features)))
         cam = self.classifier(f)
         if self.logit_scale != 1.0:
@@ -102,7 +135,20 @@ class CAMNet(nn.Module):
         logits = cam.mean(dim=(2, 3))
         # A backbone may run channels-last (EfficientNet on CPU); callers get ordinary contiguous maps (cheap:
         # feat_dim and K channels), so .view() works on them.
-        return logits, cam.contiguous(), f.contiguous()
+        if not aux:
+            return logits, cam.contiguous(), f.contiguous()
+        return logits, cam.contiguous(), f.contiguous(), self._aux_outputs(x, levels, cam, f)
+
+    def _aux_outputs(self, x: torch.Tensor, levels: dict, cam: torch.Tensor, f: torch.Tensor) -> dict:
+        out = {"backbone": levels}
+        if self.pcm is not None:
+            out["cam_rv"] = self.pcm(pcm_input(cam, self.has_background), x,
+                                     [levels[key] for key in self.pcm_level_keys])
+        if self.projection is not None:
+            out["projection"] = F.relu(self.projection(levels["conv6"])).contiguous()
+        if self.subcategory_classifier is not None:
+            out["subcategory_logits"] = self.subcategory_classifier(f).mean(dim=(2, 3))
+        return out
 
     def forward_cam(self, x: torch.Tensor) -> torch.Tensor:
         """Inference: the raw cam (B, K, h, w), the same tensor as ``forward(x)[1]``."""
@@ -175,11 +221,21 @@ class CAMNet(nn.Module):
 
 @register_architecture("cam_net")
 def build_cam_net(num_classes: int, backbone: str, output_stride: int = 8, feat_dim: int = 128, head: str = "smaf",
-                  pretrained: str = "", bg_bias: bool = False, logit_scale: float = 1.0) -> CAMNet:
+                  pretrained: str = "", bg_bias: bool = False, logit_scale: float = 1.0, pcm: bool = False,
+                  projection_dim: int = 0, subcategories: int = 0) -> CAMNet:
     """The CAM network: backbone ``backbone`` (a name of :data:`smaf.models.BACKBONES`) + the SMAF head with
-    ``num_classes`` foreground classes. ``pretrained`` ('' = random init, a file, or 'imagenet') is not recorded
-    in the architecture's arguments."""
+    ``num_classes`` foreground classes, and the auxiliary heads asked for (``pcm``, ``projection_dim``,
+    ``subcategories``: see :class:`CAMNet`). ``pretrained`` ('' = random init, a file, or 'imagenet') is not
+    recorded in the architecture's arguments."""
     from . import build_backbone
+    from .affinity import BACKBONE_LEVELS
 
+    pcm_levels = None
+    if pcm:
+        if backbone not in BACKBONE_LEVELS:
+            raise ValueError(f"backbone {backbone} has no intermediate levels for SEAM's PCM; use one of "
+                             f"{', '.join(sorted(BACKBONE_LEVELS))}")
+        pcm_levels = tuple(BACKBONE_LEVELS[backbone][:2])
     return CAMNet(build_backbone(backbone, pretrained, output_stride), num_classes, head=head, feat_dim=feat_dim,
-                  bg_bias=bg_bias, logit_scale=logit_scale)
+                  bg_bias=bg_bias, logit_scale=logit_scale, pcm_levels=pcm_levels, projection_dim=projection_dim,
+                  subcategories=subcategories)

@@ -2,8 +2,9 @@
 :data:`smaf.models.BACKBONES`.
 
 Both take the backbone's ``'conv6'`` feature (B, D, h, w) at its output stride OS (D = ``backbone.out_channels``:
-4096 for ``resnet38d`` at OS 8, 1280 for ``efficientnet_lite0`` at OS 8 or 16) and return per-pixel class logits
-at the same resolution::
+4096 for ``resnet38d`` at OS 8, 1280 for ``efficientnet_lite0`` at OS 8 or 16, 384 for ``vit_s14_focus`` at OS 14,
+256 / 512 for ``mit_b0`` / ``mit_b1``-``b5`` at OS 8 or 16) and return per-pixel class logits at the same
+resolution::
 
     deeplab_v2        conv6 -> [3x3 conv D->K, dilation r, bias] for r in (6, 12, 18, 24), summed   (B, K, h, w)
     deeplab_largefov  conv6 -> 3x3 conv D->1024, dilation 12, bias -> ReLU -> Dropout2d 0.5
@@ -12,7 +13,7 @@ at the same resolution::
 K = C+1 channels in VOC numbering: channel 0 is the background and channel c+1 class c, the values of a label
 PNG, so ``logits.argmax(1)`` is a label map. The dilations are DeepLab's values at output stride 8 (Chen et al.,
 TPAMI 2017: ASPP-L 6/12/18/24; DeepLab-v1 LargeFOV: fc6 dilation 12); at another output stride they are scaled
-by 8/OS (3/6/9/12 and 6 at OS 16), which keeps each tap at the same distance in image pixels (the feature grid
+by 8/OS (3/6/9/12 and 6 at OS 16; 3/7/10/14 and 7 at the ViT's OS 14), which keeps each tap at the same distance in image pixels (the feature grid
 is twice as coarse). The classifier convs start as DeepLab's do (Gaussian, std 0.01, bias 0); the LargeFOV fc6 /
 fc7 convs (pretrained from VGG in DeepLab, new here) start Kaiming-normal.
 
@@ -200,10 +201,15 @@ def backbone_with_weights(name: str, pretrained: str = "", output_stride: int = 
 
 
 # ---------------------------------------------------------------------------------------- registry
+MAX_SEG_STRIDE = 16   # 32 is too coarse for segmentation
+
+
 def _checked_stride(backbone: str, output_stride: int) -> int:
-    if int(output_stride) not in (8, 16):
-        raise ValueError(f"segmentation network on {backbone}: output_stride must be 8 or 16 (32 is too coarse "
-                         f"for segmentation), got {output_stride}")
+    """``output_stride`` if the backbone has it (:func:`smaf.models.build_backbone` says which it has) and it is
+    at most 16: 8 or 16, 14 for ``vit_s14_focus``."""
+    if int(output_stride) > MAX_SEG_STRIDE:
+        raise ValueError(f"segmentation network on {backbone}: output_stride must be at most {MAX_SEG_STRIDE} (8 or "
+                         f"16; 14 for vit_s14_focus): {output_stride} is too coarse for segmentation")
     return int(output_stride)
 
 

@@ -430,3 +430,21 @@ def load_weights(module: nn.Module, path: str | os.PathLike, strict: bool = Fals
     return {"path": str(path), "format": file_format, "loaded": loaded, "total": total, "missing": missing,
             "unexpected": unexpected, "shape_mismatched": shape_mismatched, "ignored": ignored,
             "summary": summary}
+
+
+def load_exact_state(module: nn.Module, state: Mapping[str, torch.Tensor], source: str | os.PathLike,
+                     what: str = "weights") -> None:
+    """Load ``state`` into ``module`` only if its keys and shapes are exactly the module's (a converted or
+    foreign-layout file must fill every tensor: a partial load would be a silent bug). Otherwise one-line
+    :class:`WeightsError` naming ``source`` and the first missing, unexpected and shape-mismatched keys; nothing
+    is loaded then."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shape_mismatched = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in own
+                        if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shape_mismatched:
+        raise WeightsError(f"{what} {source} do not fit {type(module).__name__}: missing {len(missing)}"
+                           f"{_examples(missing)}; unexpected {len(unexpected)}{_examples(unexpected)}; "
+                           f"shape-mismatched {len(shape_mismatched)}{_examples(shape_mismatched)}")
+    module.load_state_dict(dict(state), strict=True)
