@@ -308,3 +308,33 @@ def sc_cam_loss(logits: torch.Tensor, labels: torch.Tensor, sub_logits: torch.Te
     parent = multilabel_soft_margin(logits, labels)
     sub = multilabel_soft_margin(sub_logits, sub_labels)
     return parent + float(weight) * sub, parent, sub
+
+
+def afa_affinity_loss(affinity: torch.Tensor, pair_labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """AFA's affinity loss (related-methods.md §7 step 5), linear, not BCE: ½ mean over the positive pairs of
+    (1 - a) + ½ mean over the negative pairs of a. affinity (B, N, N) in [0, 1]; pair_labels (B, N, N) 1 / 0 /
+    255 (ignored). An empty set contributes 0. Returns (loss, {'aff_pos': count, 'aff_neg': count})."""
+    a = affinity.float()
+    pos = (pair_labels == 1).to(a.dtype)
+    neg = (pair_labels == 0).to(a.dtype)
+    n_pos, n_neg = pos.sum(), neg.sum()
+    loss = 0.5 * (pos * (1.0 - a)).sum() / n_pos.clamp(min=1.0) + 0.5 * (neg * a).sum() / n_neg.clamp(min=1.0)
+    return loss, {"aff_pos": float(n_pos), "aff_neg": float(n_neg)}
+
+
+def background_foreground_ce(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """AFA's segmentation loss (§7 step 7): ½ cross-entropy over the background pixels (label 0) + ½ over the
+    foreground pixels (1..K-1), ``ignore_index`` left out. logits (B, K, h, w) are upsampled bilinearly to the
+    label size (B, H, W); an empty part contributes 0."""
+    if tuple(logits.shape[-2:]) != tuple(label.shape[-2:]):
+        logits = F.interpolate(logits, size=tuple(label.shape[-2:]), mode="bilinear", align_corners=False)
+    label = label.long()
+    valid = label != ignore_index
+    per_pixel = F.cross_entropy(logits.float(), torch.where(valid, label, torch.zeros_like(label)),
+                                reduction="none")
+    loss = per_pixel.sum() * 0.0
+    for part in (valid & (label == 0), valid & (label > 0)):
+        count = part.sum()
+        if int(count):
+            loss = loss + 0.5 * (per_pixel * part).sum() / count
+    return loss

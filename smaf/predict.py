@@ -86,13 +86,16 @@ def load_segmentation_model(path, device):
     is missing, unreadable or not a segmentation network is one line (:class:`~smaf.checkpoint.CheckpointError`
     or :class:`PredictError`)."""
     from .checkpoint import load_model
+    from .models.afa import AFA_ARCHITECTURES
     from .models.deeplab import SEG_ARCHITECTURES
     from .models.fold import inference_copy
 
     model, spec = load_model(path, producer="stage 4 (bash script/train_seg.sh)")
-    if spec["arch"] not in SEG_ARCHITECTURES:
+    segmenters = SEG_ARCHITECTURES + AFA_ARCHITECTURES
+    if spec["arch"] not in segmenters:
         raise PredictError(f"--checkpoint '{path}' holds a {spec['arch']} network, not a segmentation network "
-                           f"({', '.join(SEG_ARCHITECTURES)}): give the final.pth of stage 4 (train_seg)")
+                           f"({', '.join(segmenters)}): give the final.pth of stage 4 (train_seg) or of AFA "
+                           f"(train_afa)")
     model, _ = inference_copy(model.to(device), device)
     return model, spec
 

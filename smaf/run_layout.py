@@ -11,8 +11,11 @@ stage's config section)::
     <par>/           config.yaml log.txt cam_npy/ (refined maps) cam_png/ overlays/ eval/
     <train_aff>/     config.yaml log.txt metrics.jsonl aff_labels/ final.pth checkpoints/
     <random_walk>/   config.yaml log.txt cam_npy/ (walked maps) cam_png/ overlays/ eval/
+    <a2gnn>/         config.yaml log.txt seeds/ boxes/ cam_npy/ (GNN scores) cam_png/ overlays/ eval/
     <train_seg>/     config.yaml log.txt metrics.jsonl final.pth checkpoints/
     <infer_seg>/     config.yaml log.txt seg_png/ crf_png/ overlays/ eval/ speed.json
+    <train_afa>/     config.yaml log.txt metrics.jsonl final.pth checkpoints/
+    <infer_afa>/     config.yaml log.txt seg_png/ crf_png/ overlays/ eval/ speed.json
 
 A stage reads its own section plus the shared ones (``data``, ``model``, ``inference``); where it consumes
 another stage's output it reads an explicit key of its own section (``fusion.checkpoint``,
@@ -38,6 +41,8 @@ LOG_FILE = "log.txt"
 METRICS_FILE = "metrics.jsonl"
 WARNINGS_FILE = "warnings.json"   # a training stage stopped by its guard (e.g. stage 2's collapse check) says why
 AFF_LABELS = "aff_labels"      # AffinityNet labels: PNGs 0 (confident bg), c+1 (confident class c), 255 (unknown)
+SEEDS = "seeds"                # A2GNN seed PNGs: 0 background, c+1 class c, 255 unlabelled
+BOXES = "boxes"                # A2GNN boxes used (text box files, smaf.refine.a2gnn_boxes)
 SEG_PNG = "seg_png"            # stage-4 predictions: argmax of the segmentation network's averaged probabilities
 
 #: How a person runs each stage (for "run it first" messages), by config section.
@@ -50,8 +55,11 @@ STAGE_COMMANDS = {
     "par": "the PAR step (bash script/par.sh)",
     "train_aff": "AffinityNet training (bash script/train_aff.sh)",
     "random_walk": "the random walk (bash script/random_walk.sh)",
+    "a2gnn": "A2GNN (bash script/a2gnn.sh)",
     "train_seg": "stage 4 (bash script/train_seg.sh)",
     "infer_seg": "stage 4 inference (bash script/infer_seg.sh)",
+    "train_afa": "AFA training (bash script/train_afa.sh)",
+    "infer_afa": "AFA inference (bash script/infer_afa.sh)",
 }
 
 #: ``(section, key)`` -> ``(producing section, artifact)``: the default of each input key ('' in the config).
@@ -66,8 +74,11 @@ DEFAULT_INPUTS = {
     ("train_aff", "cam_dir"): ("fusion", CAM_NPY),
     ("random_walk", "checkpoint"): ("train_aff", FINAL),
     ("random_walk", "cam_dir"): ("fusion", CAM_NPY),
+    ("a2gnn", "checkpoint"): ("train_aff", FINAL),
+    ("a2gnn", "cam_dir"): ("fusion", CAM_NPY),
     ("train_seg", "mask_dir"): ("pseudo_masks", CRF_PNG),
     ("infer_seg", "checkpoint"): ("train_seg", FINAL),
+    ("infer_afa", "checkpoint"): ("train_afa", FINAL),
 }
 
 

@@ -134,6 +134,8 @@ class JointTrainTransform:
     Args:
         crop: output side (square).
         resize_long: (lo, hi) inclusive range of the long side after resizing; None keeps the size.
+        scale_range: (lo, hi): instead of ``resize_long``, scale the image by a factor drawn uniformly from
+            [lo, hi] (AFA: 0.5-2.0); None = use ``resize_long``.
         flip: random horizontal flip with probability 0.5.
         jitter: (brightness, contrast, saturation, hue) or None for no colour jitter.
 
@@ -143,16 +145,23 @@ class JointTrainTransform:
     Image and saliency are resized bicubically, soft maps bilinearly.
     """
 
-    def __init__(self, crop: int, resize_long=(256, 512), flip: bool = True, jitter=None):
+    def __init__(self, crop: int, resize_long=(256, 512), flip: bool = True, jitter=None, scale_range=None):
         self.crop = int(crop)
         self.resize_long = tuple(resize_long) if resize_long else None
+        self.scale_range = tuple(float(v) for v in scale_range) if scale_range else None
+        if self.scale_range is not None and not (len(self.scale_range) == 2 and 0 < self.scale_range[0]
+                                                 <= self.scale_range[1]):
+            raise ValueError(f"JointTrainTransform: scale_range must be (lo, hi) with 0 < lo <= hi, got "
+                             f"{list(scale_range)}")
         self.flip = flip
         self.jitter = tuple(jitter) if jitter and any(jitter) else None
 
     def __call__(self, rng: np.random.Generator, image: np.ndarray, saliency: np.ndarray | None = None,
                  soft: np.ndarray | None = None) -> dict:
         h0, w0 = image.shape[:2]
-        if self.resize_long:
+        if self.scale_range:
+            scale = float(rng.uniform(*self.scale_range))
+        elif self.resize_long:
             target = int(rng.integers(self.resize_long[0], self.resize_long[1] + 1))
             scale = target / max(h0, w0)
         else:

@@ -154,15 +154,29 @@ class AffinityNet(nn.Module):
         return [*self.level_convs, self.fuse_conv]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(x, False)[0]
+
+    def forward_with_levels(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(f (B, 448, h, w), levels (B, sum of the level widths, h, w)): the affinity features and the three
+        backbone levels themselves, concatenated on f's stride-8 grid (coarser ones upsampled bilinearly), e.g.
+        5632 channels on resnet38d (A2GNN's node features, :mod:`smaf.models.a2gnn`)."""
+        return self._forward(x, True)
+
+    def _forward(self, x: torch.Tensor, with_levels: bool):
         feats = self.backbone(x)
         size = feats[self.level_keys[0]].shape[-2:]
-        parts = []
+        parts, levels = [], []
         for key, conv in zip(self.level_keys, self.level_convs):
-            y = F.elu(conv(feats[key]))
+            level, y = feats[key], F.elu(conv(feats[key]))
             if y.shape[-2:] != size:
                 y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+                if with_levels:
+                    level = F.interpolate(level, size=size, mode="bilinear", align_corners=False)
             parts.append(y)
-        return F.elu(self.fuse_conv(torch.cat(parts, 1))).contiguous()
+            if with_levels:
+                levels.append(level)
+        f = F.elu(self.fuse_conv(torch.cat(parts, 1))).contiguous()
+        return f, (torch.cat(levels, 1) if with_levels else None)
 
     def train(self, mode: bool = True) -> "AffinityNet":
         super().train(mode)

@@ -50,4 +50,4 @@ def build_from_spec(spec: dict, **runtime) -> nn.Module:
 
 def _import_builtin() -> None:
     # The modules that register the built-in architectures (importing them registers them).
-    from . import affinity, cam_net, deeplab  # noqa: F401
+    from . import afa, affinity, cam_net, deeplab  # noqa: F401

@@ -216,21 +216,48 @@ def refine_cams_with_background(par: PAR, images: torch.Tensor, cams: torch.Tens
         valid: optional (B, H, W) bool, False on crop padding (-> ``ignore_index``).
 
     Returns (B, H, W) long labels: for each score, argmax of PAR(softmax over [score; labelled CAMs]); the label
-    of the high score, with its background set to ``ignore_index``, and background where both say background.
+    of the high score, with its background set to ``ignore_index``, and background where both say background
+    (:func:`refine_scores_with_background`).
     """
-    b = cams.shape[0]
     h, w = images.shape[-2:]
     cams = _resize(cams.float(), (h, w))
-    out = torch.full((b, h, w), ignore_index, dtype=torch.long, device=cams.device)
+    present = labels > 0.5
+    scores = []
+    for score in (bg_high, bg_low):
+        with_bg = torch.cat([torch.full_like(cams[:, :1], float(score)), cams], dim=1)
+        # softmax over the background and the labelled classes only; the other channels are 0
+        keep = torch.cat([present.new_ones(present.shape[0], 1), present], dim=1)[:, :, None, None]
+        scores.append(with_bg.masked_fill(~keep, float("-inf")).softmax(1))
+    return refine_scores_with_background(par, images, scores[0], scores[1], labels, scale, valid, ignore_index)
+
+
+@torch.no_grad()
+def refine_scores_with_background(par: PAR, images: torch.Tensor, high_scores: torch.Tensor,
+                                  low_scores: torch.Tensor, labels: torch.Tensor, scale: float = PAR_SCALE,
+                                  valid: torch.Tensor | None = None, ignore_index: int = 255) -> torch.Tensor:
+    """AFA's two-background label rule on score maps that already hold their background channel.
+
+    Args:
+        images: (B, 3, H, W) the crops PAR reads (any intensity range).
+        high_scores, low_scores: (B, 1 + C, h, w) scores made with the high and the low background score
+            (channel 0 background, channel c+1 class c; any resolution: resized bilinearly to (H, W)).
+        labels: (B, C) image-level labels; only the background and the labelled classes compete.
+        scale, valid, ignore_index: as :func:`refine_cams_with_background`.
+
+    Returns (B, H, W) long labels in VOC numbering: per score, argmax over the background and the labelled
+    classes of PAR(scores) at ``scale`` of (H, W); then the high score's label where it is foreground,
+    background where both say background, ``ignore_index`` where only the low one does (the uncertain band)
+    and on padding.
+    """
+    b = images.shape[0]
+    h, w = images.shape[-2:]
+    out = torch.full((b, h, w), ignore_index, dtype=torch.long, device=images.device)
     for i in range(b):
-        keys = torch.nonzero(labels[i] > 0.5).flatten()
-        lut = torch.cat([keys.new_zeros(1), keys + 1])
-        maps = cams[i, keys]
-        found = []
-        for score in (bg_high, bg_low):
-            scores = torch.cat([torch.full_like(cams[i, :1], float(score)), maps]).softmax(0)[None]
-            found.append(lut[par_refine_scores(par, images[i:i + 1], scores, scale)[0].argmax(0)])
-        high, low = found
+        channels = torch.cat([labels.new_zeros(1, dtype=torch.long),
+                              torch.nonzero(labels[i] > 0.5).flatten() + 1])
+        high, low = (channels[par_refine_scores(par, images[i:i + 1], _resize(s[i:i + 1, channels].float(), (h, w)),
+                                                scale)[0].argmax(0)]
+                     for s in (high_scores, low_scores))
         label = high.clone()
         label[high == 0] = ignore_index
         label[(high == 0) & (low == 0)] = 0

@@ -260,11 +260,30 @@ class RandomWalkRefiner:
         keys = sorted(cams)
         if not keys:
             return np.zeros((h, w), np.uint8), {}
+        up = self.walk_scores(f, input_size, cams, image_size)
+        p = self.params
+        if p.bg == "rule":
+            # A walk averages each map over its object: peaks drop while the rule's score would not, so the
+            # walked maps are divided by their maximum (as stage 1 normalises fused maps) and the rule scores them.
+            up = up / (up.flatten(1).amax(1).view(-1, 1, 1) + 1e-5)
+            up = torch.cat([torch.full_like(up[:1], float(self.bg_rule(up))), up])
+        lut = np.array([0] + [k + 1 for k in keys], np.uint8)
+        label = lut[up.argmax(0).cpu().numpy()]
+        fg = up[1:].clamp_(0.0, 1.0).cpu().numpy()
+        return label, {k: fg[i] for i, k in enumerate(keys)}
+
+    @torch.no_grad()
+    def walk_scores(self, f: torch.Tensor, input_size: tuple, cams: dict, image_size: tuple) -> torch.Tensor:
+        """The walked score maps at image size (H, W) = ``image_size``, before any labelling: (1 + K, H, W)
+        [walked background; walked maps of the sorted keys] for a power or constant background, (K, H, W) (the
+        class maps only) for ``bg = "rule"``. ``cams`` must not be empty."""
+        h, w = image_size
+        keys = sorted(cams)
         maps = stack_cam_maps(cams, keys, (h, w), self.device)
         hi, wi = input_size
         gh, gw = f.shape[-2:]
         p = self.params
-        # bg rule: only the class maps walk; the rule then scores the walked maps (below)
+        # bg rule: only the class maps walk; the rule then scores the walked maps (in walk)
         scores = (maps if p.bg == "rule" else torch.cat([self._background(maps), maps]))[None]
         if (hi, wi) != (h, w):
             scores = F.interpolate(scores, size=(hi, wi), mode="bilinear", align_corners=False)
@@ -276,16 +295,7 @@ class RandomWalkRefiner:
         up = up[..., :hi, :wi]
         if (hi, wi) != (h, w):
             up = F.interpolate(up, size=(h, w), mode="bilinear", align_corners=False)
-        up = up[0]
-        if p.bg == "rule":
-            # A walk averages each map over its object: peaks drop while the rule's score would not, so the
-            # walked maps are divided by their maximum (as stage 1 normalises fused maps) and the rule scores them.
-            up = up / (up.flatten(1).amax(1).view(-1, 1, 1) + 1e-5)
-            up = torch.cat([torch.full_like(up[:1], float(self.bg_rule(up))), up])
-        lut = np.array([0] + [k + 1 for k in keys], np.uint8)
-        label = lut[up.argmax(0).cpu().numpy()]
-        fg = up[1:].clamp_(0.0, 1.0).cpu().numpy()
-        return label, {k: fg[i] for i, k in enumerate(keys)}
+        return up[0]
 
     @torch.no_grad()
     def refine_scores(self, image: np.ndarray, cams: dict, labelled: list) -> tuple[np.ndarray, dict]:

@@ -57,13 +57,20 @@ def run(cfg) -> dict:
     """Stage 4 inference. Returns ``{'miou': mIoU of seg_png or None, 'miou_crf': of crf_png or None, 'out_dir',
     'png_dir', 'crf_dir' (None without CRF), 'images', 'images_per_s', 'network_seconds', 'seconds'}`` (the
     speed keys describe this call: 0 images when every output existed)."""
-    sect = cfg.infer_seg
+    return run_section(cfg, "infer_seg", SEG_ARCHITECTURES)
+
+
+def run_section(cfg, section: str, architectures) -> dict:
+    """Segmentation inference with the keys of config section ``section`` (``infer_seg``, ``infer_afa``) on a
+    checkpoint of one of ``architectures`` (any network whose ``forward(x)`` returns (B, C + 1, h, w) logits);
+    returns what :func:`run` does."""
+    sect = cfg[section]
     runs = RunLayout(cfg)
     scales = [float(s) for s in (sect.scales or [])]
     if not scales or min(scales) <= 0:
-        raise ConfigError(f"infer_seg.scales={list(sect.scales)}: expected a list of positive scales, e.g. "
+        raise ConfigError(f"{section}.scales={list(sect.scales)}: expected a list of positive scales, e.g. "
                           f"[0.5, 0.75, 1.0]")
-    check_positive(sect, "infer_seg", ("batch_size",), ("base_long", "overlays", "crf_workers"))
+    check_positive(sect, section, ("batch_size",), ("base_long", "overlays", "crf_workers"))
     params = crf_params(sect)
     # every input is checked before anything is written: lists, images, masks, the checkpoint and its classes
     layout = VOCLayout.from_config(cfg)
@@ -72,16 +79,16 @@ def run(cfg) -> dict:
     ids = read_id_list(list_path)
     eval_ids = read_id_list(eval_path)
     has_masks = layout.has_masks(eval_ids)
-    check_inputs(layout, list(dict.fromkeys(ids + eval_ids)), "infer_seg.list / infer_seg.eval_list",
+    check_inputs(layout, list(dict.fromkeys(ids + eval_ids)), f"{section}.list / {section}.eval_list",
                  mask_ids=eval_ids if has_masks else None, mask_values=True)
-    ckpt = runs.input("infer_seg", "checkpoint")
-    producer = runs.producer("infer_seg", "checkpoint")
-    model, spec = load_model(ckpt, producer=producer, num_classes=layout.num_classes, key="infer_seg.checkpoint",
+    ckpt = runs.input(section, "checkpoint")
+    producer = runs.producer(section, "checkpoint")
+    model, spec = load_model(ckpt, producer=producer, num_classes=layout.num_classes, key=f"{section}.checkpoint",
                              layout=layout)
-    if spec["arch"] not in SEG_ARCHITECTURES:
-        raise StageError(f"infer_seg.checkpoint '{ckpt}' holds a {spec['arch']} network, not a segmentation network "
-                         f"({', '.join(SEG_ARCHITECTURES)}): give the final.pth of {producer}")
-    out_dir, logger, device, layout = prepare_output(cfg, "infer_seg", layout=layout)
+    if spec["arch"] not in architectures:
+        raise StageError(f"{section}.checkpoint '{ckpt}' holds a {spec['arch']} network, not a segmentation network "
+                         f"({', '.join(architectures)}): give the final.pth of {producer}")
+    out_dir, logger, device, layout = prepare_output(cfg, section, layout=layout)
     model, note = inference_copy(model.to(device), device)
     if note:
         logger.info("%s", note)
@@ -95,7 +102,7 @@ def run(cfg) -> dict:
     speed = segment_items(model, [(i, layout.image_path(i)) for i in mine], outputs, device, logger, scales,
                           bool(sect.flip), int(sect.base_long), str(sect.resize), cfg.amp, cfg.num_workers,
                           int(sect.batch_size), params if sect.crf else None, crf_workers,
-                          overlay_names=ids[:int(sect.overlays)], class_names=layout.class_names, desc="infer_seg")
+                          overlay_names=ids[:int(sect.overlays)], class_names=layout.class_names, desc=section)
     if speed["images"]:
         logger.info("segmented %d images in %.1f s: %.2f images/s (network, %d scales%s)%s", speed["images"],
                     speed["network_seconds"], speed["images_per_s"], len(scales), " x flip" if sect.flip else "",
