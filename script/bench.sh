@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Throughput benchmark: fused maps (our path vs a per-image baseline, outputs compared), CRF (1 worker vs a
-# pool), evaluation, and training steps of stages 0 and 2 with peak memory. Prints a table and writes JSON.
+# pool), evaluation, training steps of stages 0 and 2 with peak memory, and the affinity refiners (PAR, random
+# walk) on VOC-sized images. Prints a table and writes JSON.
 #
 # Usage: bash script/bench.sh [options]
 # Keys (options; all of them: .venv/bin/python -m smaf.bench --help):
-#   --sections a,b,c,d      subset to run: a fused maps, b CRF, c evaluation, d training (default all)
+#   --sections a,b,c,d,e    subset to run: a fused maps, b CRF, c evaluation, d training, e refiners (default all)
 #   --backbones efficientnet_lite0,resnet38d
 #   --images N              images (default 16 on CPU, 64 on CUDA); --r38-images N for ResNet-38 (CPU: 1)
 #   --size L / --r38-size L long side of the images (CPU 160, CUDA 500)

@@ -29,6 +29,7 @@ import numpy as np
 
 from .affinity_labels import PSA_CRF
 from .crf import CRFParams, crf_refine_scores
+from .pool import stack_cam_maps
 
 IGNORE = 255
 
@@ -85,10 +86,7 @@ def confident_seeds(image: np.ndarray, cams: dict, params: SeedParams = SeedPara
     keys = sorted(cams)
     if not keys:
         return np.zeros((h, w), np.uint8)
-    maps = np.stack([np.asarray(cams[k], np.float32) for k in keys])
-    if maps.shape[1:] != (h, w):
-        raise ValueError(f"CAM maps are {maps.shape[1:]} but the image is {(h, w)}: the .npy dicts must be at "
-                         f"image size (as stage 1 writes them)")
+    maps = stack_cam_maps(cams, keys, (h, w))
     peak = maps.max(0)
     base = np.clip(1.0 - peak, 0.0, 1.0)
     q_la = _marginals(image, np.concatenate([base[None] ** params.alpha_la, maps]).astype(np.float32), params)

@@ -39,6 +39,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .crf import CRFParams, crf_refine_scores
+from .pool import stack_cam_maps
 
 LABEL_MODES = ("power", "scores", "rule")
 IGNORE = 255
@@ -95,10 +96,7 @@ def affinity_label(image: np.ndarray, cams: dict, params: AffinityLabelParams = 
     keys = sorted(cams)
     if not keys:
         return np.zeros((h, w), np.uint8)
-    maps = np.stack([np.asarray(cams[k], np.float32) for k in keys])
-    if maps.shape[1:] != (h, w):
-        raise ValueError(f"CAM maps are {maps.shape[1:]} but the image is {(h, w)}: the .npy dicts must be at "
-                         f"image size (as stage 1 writes them)")
+    maps = stack_cam_maps(cams, keys, (h, w))
     if params.mode == "power":
         base = np.clip(1.0 - maps.max(0, keepdims=True), 0.0, 1.0)
         bg_la, bg_ha = base ** params.alpha_la, base ** params.alpha_ha

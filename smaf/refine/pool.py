@@ -152,13 +152,16 @@ def cam_folder_ids(layout, input_dir: Path, list_path: str, key: str, producer: 
     return ids
 
 
-def stack_cam_maps(cams: dict, keys: list, image_size: tuple, device):
-    """The maps of a CAM dict ``{c: (H, W)}`` for ``keys``, stacked as a float32 tensor (len(keys), H, W) on
-    ``device``; a dict not at ``image_size`` = (H, W) is a ValueError saying the dicts must be at image size."""
-    import torch
-
-    maps = torch.from_numpy(np.stack([np.asarray(cams[k], np.float32) for k in keys])).to(device)
+def stack_cam_maps(cams: dict, keys: list, image_size: tuple, device=None):
+    """The maps of a CAM dict ``{c: (H, W)}`` for ``keys``, stacked as float32 (len(keys), H, W): a NumPy array
+    when ``device`` is None, else a tensor on ``device``; a dict not at ``image_size`` = (H, W) is a ValueError
+    saying the dicts must be at image size."""
+    maps = np.stack([np.asarray(cams[k], np.float32) for k in keys])
     if maps.shape[1:] != tuple(image_size):
         raise ValueError(f"CAM maps are {tuple(maps.shape[1:])} but the image is {tuple(image_size)}: the .npy "
                          f"dicts must be at image size (as stage 1 writes them)")
-    return maps
+    if device is None:
+        return maps
+    import torch
+
+    return torch.from_numpy(maps).to(device)

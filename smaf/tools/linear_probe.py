@@ -9,7 +9,8 @@ EfficientNet-Lite0, 14 for the ViT):
 
 1. every image of the train and val lists (default ``ImageSets/Segmentation/{train,val}.txt``) is resized so its
    long side is ``--long-side`` (area interpolation when shrinking, bicubic when enlarging; aspect kept, no crop),
-   ImageNet-normalised, and its ``'conv6'`` map is averaged over space: one D-dim feature per image;
+   ImageNet-normalised, and its ``'conv6'`` map is averaged over space: one D-dim feature per image (``mean``);
+   the ViT also gives its normed cls token (``cls``), probed as a second row;
 2. features are standardised with the train mean / std, and an L2-regularised logistic regression is fitted on
    train (full-batch L-BFGS): softmax over the classes when every image has exactly one label in
    ``cls_labels.npy`` (single-label), one sigmoid per class otherwise (multi-label). The L2 strength is picked
@@ -49,14 +50,18 @@ def resize_long_side(image: np.ndarray, long_side: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def pooled_features(backbone: torch.nn.Module, layout: VOCLayout, ids: list[str], long_side: int) -> np.ndarray:
-    """(N, D) float32: the spatial mean of ``backbone(x)['conv6']`` for each image (one at a time: sizes vary)."""
-    out = []
+def pooled_features(backbone: torch.nn.Module, layout: VOCLayout, ids: list[str], long_side: int) -> dict:
+    """``{'mean': (N, D)}`` float32: the spatial mean of ``backbone(x)['conv6']`` for each image (one at a time:
+    sizes vary), plus ``'cls': (N, D)`` for a backbone that also returns a ``cls_token`` (the ViT)."""
+    out: dict = {}
     for image_id in ids:
         image = resize_long_side(layout.load_image(image_id), long_side)
         x = torch.from_numpy(normalize(image)).unsqueeze(0)
-        out.append(backbone(x)["conv6"].float().mean(dim=(2, 3))[0].numpy())
-    return np.stack(out).astype(np.float32)
+        result = backbone(x)
+        out.setdefault("mean", []).append(result["conv6"].float().mean(dim=(2, 3))[0].numpy())
+        if "cls_token" in result:
+            out.setdefault("cls", []).append(result["cls_token"].float()[0].numpy())
+    return {k: np.stack(v).astype(np.float32) for k, v in out.items()}
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float, multilabel: bool) -> torch.nn.Linear:
@@ -120,15 +125,16 @@ def cross_validated_l2(x: torch.Tensor, y: torch.Tensor, multilabel: bool) -> tu
     return best
 
 
-def probe(name: str, layout: VOCLayout, train_ids: list[str], val_ids: list[str], long_side: int) -> dict:
-    """Extract, fit and score one backbone (module docstring). Returns the row of the report."""
+def probe(name: str, layout: VOCLayout, train_ids: list[str], val_ids: list[str], long_side: int) -> list[dict]:
+    """Extract, fit and score one backbone (module docstring): a row per feature of :func:`pooled_features`
+    (the ViT's cls token too), each with its own cross-validated L2. Returns the rows of the report."""
     from ..models import BACKBONE_OUTPUT_STRIDES, build_backbone
 
     stride = max(BACKBONE_OUTPUT_STRIDES[name])
     backbone = build_backbone(name, "imagenet", stride).eval()
     start = time.perf_counter()
-    train_x = torch.from_numpy(pooled_features(backbone, layout, train_ids, long_side))
-    val_x = torch.from_numpy(pooled_features(backbone, layout, val_ids, long_side))
+    train_f = pooled_features(backbone, layout, train_ids, long_side)
+    val_f = pooled_features(backbone, layout, val_ids, long_side)
     extract_s = time.perf_counter() - start
     train_labels = np.stack([layout.labels[i] for i in train_ids])
     val_labels = np.stack([layout.labels[i] for i in val_ids])
@@ -137,14 +143,19 @@ def probe(name: str, layout: VOCLayout, train_ids: list[str], val_ids: list[str]
         train_y, val_y = torch.from_numpy(train_labels).float(), torch.from_numpy(val_labels).float()
     else:
         train_y, val_y = torch.from_numpy(train_labels.argmax(1)), torch.from_numpy(val_labels.argmax(1))
-    l2, cv_score = cross_validated_l2(train_x, train_y, multilabel)
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    linear = fit_logistic((train_x - mean) / std, train_y, l2, multilabel)
-    val_score = score(linear, (val_x - mean) / std, val_y, multilabel)
-    return {"backbone": name, "output_stride": stride, "feature_dim": int(train_x.shape[1]),
-            "metric": "mean AP" if multilabel else "accuracy", "l2": l2, "train_cv": cv_score, "val": val_score,
-            "val_correct": None if multilabel else int(round(val_score * len(val_ids))),
-            "num_train": len(train_ids), "num_val": len(val_ids), "extract_s": round(extract_s, 1)}
+    rows = []
+    for feature in train_f:
+        train_x, val_x = torch.from_numpy(train_f[feature]), torch.from_numpy(val_f[feature])
+        l2, cv_score = cross_validated_l2(train_x, train_y, multilabel)
+        mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+        linear = fit_logistic((train_x - mean) / std, train_y, l2, multilabel)
+        val_score = score(linear, (val_x - mean) / std, val_y, multilabel)
+        rows.append({"backbone": name, "feature": feature, "output_stride": stride,
+                     "feature_dim": int(train_x.shape[1]), "metric": "mean AP" if multilabel else "accuracy",
+                     "l2": l2, "train_cv": cv_score, "val": val_score,
+                     "val_correct": None if multilabel else int(round(val_score * len(val_ids))),
+                     "num_train": len(train_ids), "num_val": len(val_ids), "extract_s": round(extract_s, 1)})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,17 +183,17 @@ def main(argv: list[str] | None = None) -> int:
         splits = args.root / "ImageSets" / "Segmentation"
         train_ids = layout.read_list(args.train_list or splits / "train.txt")
         val_ids = layout.read_list(args.val_list or splits / "val.txt")
-        rows = [probe(name, layout, train_ids, val_ids, args.long_side) for name in names]
+        rows = [row for name in names for row in probe(name, layout, train_ids, val_ids, args.long_side)]
     except (DatasetError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"linear probe on {args.root} ({len(train_ids)} train / {len(val_ids)} val, long side {args.long_side})")
-    print("| backbone | stride | dim | L2 (5-fold CV) | train CV | val | features (s) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| backbone | feature | stride | dim | L2 (5-fold CV) | train CV | val | features (s) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         val = f"{r['metric']} {r['val']:.3f}" + (f" ({r['val_correct']}/{r['num_val']})" if r["val_correct"]
                                                  is not None else "")
-        print(f"| {r['backbone']} | {r['output_stride']} | {r['feature_dim']} | {r['l2']:g} | {r['train_cv']:.3f} "
+        print(f"| {r['backbone']} | {r['feature']} | {r['output_stride']} | {r['feature_dim']} | {r['l2']:g} | {r['train_cv']:.3f} "
               f"| {val} | {r['extract_s']} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
