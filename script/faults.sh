@@ -17,4 +17,4 @@ export SMAF_FAULT_ROUNDS="${ROUNDS:-3}" SMAF_FAULT_KILLS="${KILLS:-2}" SMAF_FAUL
 if [ -n "${SEED:-}" ]; then
   export SMAF_FAULT_SEED="$SEED"
 fi
-exec "$PYTHON" -m pytest -m faults -s -q tests/test_faults.py "$@"
+exec "$PYTHON" -m pytest -n 0 -m faults -s -q tests/test_faults.py "$@"   # -n 0: -s needs one process

@@ -17,6 +17,13 @@ MSRC_ROOT = SHARED / "data" / "msrc"
 #: Set to 1 by .ci/run: real data that is absent fails the tests that need it instead of skipping them.
 REQUIRE_SHARED_ENV = "SMAF_REQUIRE_SHARED"
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # under pytest-xdist (setup.cfg: one worker per core) each worker gets one core's share of threads, so two
+    # workers on two cores do not fight over them; tiny tensors gain nothing from intra-op threads anyway
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
 
 def real_data_missing(reason: str):
     """Skip the running test with ``reason`` (real data absent), or fail it with the same reason when

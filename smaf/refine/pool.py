@@ -4,8 +4,8 @@ A refiner is a picklable callable ``refiner(image, input, labelled) -> uint8 (H,
 ``input_kind`` (``"png"``: the input is a label map read from ``<id>.png``; ``"npy"``: a CAM dict
 ``{class: HxW}`` read from ``<id>.npy``) and a short ``name`` (used for overlay file names); ``labelled`` is
 the image's list of labelled class indices (0..C-1). :mod:`smaf.refine.crf` has the dense-CRF refiners,
-:mod:`smaf.refine.par` PAR and :mod:`smaf.refine.random_walk` the random walk; graph refinement plugs in the same
-way.
+:mod:`smaf.refine.par` PAR, :mod:`smaf.refine.random_walk` the random walk and :mod:`smaf.refine.a2gnn` A2GNN's
+graph refinement.
 
 A refiner of score maps may also define ``refine_scores(image, input, labelled) -> (label map, {class: HxW
 float32})``: :func:`refine_folder` given ``npy_dir`` then calls it and writes the refined CAM dict as

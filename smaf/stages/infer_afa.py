@@ -1,5 +1,5 @@
 """AFA inference (``python -m smaf.stages.infer_afa`` / ``bash script/infer_afa.sh``; docs/afa.md): the stage-4
-inference path (:func:`smaf.stages.infer_seg.run_section`) on the decoder of a trained AFA network.
+inference path (:func:`smaf.seg.run_list.run_section`) on the decoder of a trained AFA network.
 
 Loads ``infer_afa.checkpoint`` (default: ``train_afa/final.pth``) and, for every id of ``infer_afa.list``
 (default ``data.val_list``), averages the softmax of the decoder's upsampled logits over ``infer_afa.scales``
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ..models.afa import AFA_ARCHITECTURES
 from ..runtime import stage_main
-from .infer_seg import run_section
+from ..seg.run_list import run_section
 
 
 def run(cfg) -> dict:

@@ -32,7 +32,7 @@ DEFAULT_OUT = REPO_ROOT / "docs" / "pipeline.png"
 DEFAULT_WIDTH = 900
 
 #: Refiners that plug in after stage 1 or stage 3; drawn as "next" until a step of STAGE_COMMANDS names them.
-PLANNED_REFINERS = ("PAR", "random walk", "graph refinement")
+PLANNED_REFINERS = ("PAR", "random walk", "A2GNN")
 
 #: What each numbered stage does, by config section (the name and command come from STAGE_COMMANDS).
 STAGE_TITLES = {
@@ -288,7 +288,8 @@ def draw_pipeline(width: int = DEFAULT_WIDTH) -> np.ndarray:
     refiner_groups: dict[int, tuple[str, list[Step]]] = {}
     for step in steps:
         producer, artifact = reading_stage(step.section, stage_sections)
-        number = number_of.get(producer, 3)
+        # a step that reads no stage's output (AFA: its own network, from the images) gets its own group, -1
+        number = number_of.get(producer, 3) if producer else -1
         group = refiner_groups.setdefault(number, (artifact, []))
         group[1].append(step)
     named = " ".join(step.name.lower() for step in steps)
@@ -297,7 +298,8 @@ def draw_pipeline(width: int = DEFAULT_WIDTH) -> np.ndarray:
     refiner_lines: list = []
     for number in sorted(refiner_groups):
         artifact, group = refiner_groups[number]
-        refiner_lines.append((f"after stage {number}, on {artifact}/:", GREY_INK))
+        refiner_lines.append((f"after stage {number}, on {artifact}/:" if number >= 0 else
+                              "from the images, a network of its own:", GREY_INK))
         for step in group:
             text = f"  {short_name(step)}: {step.command}"
             refiner_lines.append(text if command_exists(step.command) else (text + " (not yet)", GREY_INK))
