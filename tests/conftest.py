@@ -22,7 +22,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # workers on two cores do not fight over them; tiny tensors gain nothing from intra-op threads anyway
     import torch
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    from smaf.runtime import available_cores
+
+    torch.set_num_threads(max(1, available_cores() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 def real_data_missing(reason: str):

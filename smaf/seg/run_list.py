@@ -28,15 +28,17 @@ SPEED_FILE = "speed.json"
 
 
 def crf_params(sect) -> CRFParams:
-    """The CRF constants of the ``infer_seg`` section (DeepLab's by default)."""
+    """The CRF constants of an inference section (``infer_seg``: DeepLab's by default; ``infer_afa``: AFA's)."""
     return CRFParams(0.7, float(sect.gauss_sxy), float(sect.gauss_compat), float(sect.bi_sxy), float(sect.bi_srgb),
                      float(sect.bi_compat), int(sect.iterations))
 
 
 def run_section(cfg, section: str, architectures) -> dict:
     """Segmentation inference with the keys of config section ``section`` (``infer_seg``, ``infer_afa``) on a
-    checkpoint of one of ``architectures`` (any network whose ``forward(x)`` returns (B, C + 1, h, w) logits);
-    returns what :func:`run` does."""
+    checkpoint of one of ``architectures`` (any network whose ``forward(x)`` returns (B, C + 1, h, w) logits).
+    Returns ``{'miou': mIoU of seg_png or None, 'miou_crf': of crf_png or None, 'out_dir', 'png_dir', 'crf_dir'
+    (None without CRF), 'images', 'images_per_s', 'network_seconds', 'seconds'}`` (the speed keys describe this
+    call: 0 images when every output existed)."""
     sect = cfg[section]
     runs = RunLayout(cfg)
     scales = [float(s) for s in (sect.scales or [])]

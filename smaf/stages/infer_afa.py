@@ -16,7 +16,7 @@ from ..seg.run_list import run_section
 
 
 def run(cfg) -> dict:
-    """AFA inference; returns what :func:`smaf.stages.infer_seg.run` does."""
+    """AFA inference; returns what :func:`smaf.seg.run_list.run_section` does."""
     return run_section(cfg, "infer_afa", AFA_ARCHITECTURES)
 
 

@@ -25,9 +25,7 @@ from ..seg.run_list import run_section
 
 
 def run(cfg) -> dict:
-    """Stage 4 inference. Returns ``{'miou': mIoU of seg_png or None, 'miou_crf': of crf_png or None, 'out_dir',
-    'png_dir', 'crf_dir' (None without CRF), 'images', 'images_per_s', 'network_seconds', 'seconds'}`` (the
-    speed keys describe this call: 0 images when every output existed)."""
+    """Stage 4 inference; returns what :func:`smaf.seg.run_list.run_section` does (val mIoU, folders, speed)."""
     return run_section(cfg, "infer_seg", SEG_ARCHITECTURES)
 
 

@@ -289,7 +289,7 @@ def draw_pipeline(width: int = DEFAULT_WIDTH) -> np.ndarray:
     for step in steps:
         producer, artifact = reading_stage(step.section, stage_sections)
         # a step that reads no stage's output (AFA: its own network, from the images) gets its own group, -1
-        number = number_of.get(producer, 3) if producer else -1
+        number = number_of[producer] if producer else -1
         group = refiner_groups.setdefault(number, (artifact, []))
         group[1].append(step)
     named = " ".join(step.name.lower() for step in steps)
