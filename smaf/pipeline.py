@@ -46,6 +46,9 @@ REFINERS = ("par", "rw")
 #: mask source, under the path's work_dir (pseudo) or the top work_dir (gt, once per run).
 SEG_ROWS = {"pseudo": "trained on our pseudo masks", "gt": "trained on ground truth (fully supervised)"}
 SEG_DIRS = {"pseudo": ("train_seg", "infer_seg"), "gt": ("train_seg_gt", "infer_seg_gt")}
+#: Stage 4 on the random-walk masks (``--refiners rw``) gets folders of its own: a finished network trained on
+#: other masks is never taken for it.
+SEG_DIRS_RW = ("train_seg_rw", "infer_seg_rw")
 #: The sections that must agree between a path's stage 4 and the twin for the ratio to compare like with like.
 SEG_SECTIONS = ("model", "train_seg", "infer_seg")
 
@@ -171,22 +174,32 @@ def refine_rows(cfg, clock: _Clock, out: dict, lists: dict, refiners, prefix: st
                                 crf__output_dir="", crf__eval_list=eval_list)
                 out["miou"][split][f"{column} + RW + CRF"] = clock(f"{prefix}CRF after RW ({tag}, {split})",
                                                                   crf.run, refine)["miou"]
+                # the CRF writes <rw folder>/crf_png: the same layout as the " + CRF" columns' folders
+                out["folders"][split][f"{column} + RW + CRF"] = Path(result["out_dir"])
+
+
+def final_mask_column(path: dict) -> str:
+    """The column of a :func:`run_path` result whose training-list masks are the path's final pseudo masks (what
+    stage 4 trains on): the end of the longest chain that ran, i.e. the default self-trained setting ``+ RW + CRF``
+    when the random walk ran (``--refiners rw``), else its ``+ CRF`` masks."""
+    refined = path["default_column"] + " + RW + CRF"
+    return refined if refined in path["folders"]["train"] else path["default_column"] + " + CRF"
 
 
 def final_mask_dir(path: dict) -> Path:
-    """The final pseudo masks of a :func:`run_path` result: the default self-trained setting's CRF PNGs of the
-    training list (what stage 4 trains on)."""
-    return Path(path["folders"]["train"][path["default_column"] + " + CRF"]) / CRF_PNG
+    """The label PNGs (``<folder>/crf_png``) of :func:`final_mask_column` on the training list."""
+    return Path(path["folders"]["train"][final_mask_column(path)]) / CRF_PNG
 
 
-def segmentation_step(cfg, clock: _Clock, masks: str, mask_dir="", prefix: str = "") -> dict:
+def segmentation_step(cfg, clock: _Clock, masks: str, mask_dir="", prefix: str = "", subdirs=None) -> dict:
     """Stage 4 in ``cfg.work_dir``: ``train_seg`` on ``data.train_list`` with ``masks`` ('pseudo': the label PNGs
     of ``mask_dir``; 'gt': the ground truth, the fully supervised twin), then ``infer_seg`` of ``data.val_list``,
-    in the folders :data:`SEG_DIRS` names. Both skip finished work (``final.pth``; images whose PNGs exist).
-    Returns ``{'miou', 'miou_crf' (None without infer_seg.crf or val masks), 'train_dir', 'infer_dir'}``."""
+    in the folders ``subdirs`` (train, infer; default: what :data:`SEG_DIRS` names for ``masks``). Both skip
+    finished work (``final.pth``; images whose PNGs exist). Returns ``{'miou', 'miou_crf' (None without
+    infer_seg.crf or val masks), 'train_dir', 'infer_dir'}``."""
     from .stages import infer_seg, train_seg
 
-    train_sub, infer_sub = SEG_DIRS[masks]
+    train_sub, infer_sub = subdirs or SEG_DIRS[masks]
     step = derive(cfg, train_seg__masks=masks, train_seg__mask_dir=str(mask_dir) if masks == "pseudo" else "",
                   train_seg__train_list=cfg.data.train_list, train_seg__out_subdir=train_sub,
                   infer_seg__checkpoint=str(Path(cfg.work_dir) / train_sub / FINAL), infer_seg__out_subdir=infer_sub,
@@ -208,8 +221,8 @@ def run_pipeline(cfg, denoise_variants=None, figure_rows: int = 4, log=print, me
     """Run and measure every stage of every path. Returns the summary dict (also written to
     ``<work_dir>/summary.json``): ``{'paths': {method: run_path(...) result}, 'baselines': {split: {name: mIoU}},
     'timings_s', 'total_s', 'warnings', ...}``; with ``segmentation`` (stage 4, :func:`segmentation_step`) also
-    ``'segmentation': {'network', 'pseudo': {method: result}, 'gt': result, 'ratio': {method: {'miou',
-    'miou_crf'}}}`` (ratio = pseudo / gt val mIoU)."""
+    ``'segmentation': {'network', 'pseudo': {method: result + {'masks': column it trained on}}, 'gt': result,
+    'ratio': {method: {'miou', 'miou_crf'}}}`` (ratio = pseudo / gt val mIoU)."""
     from . import saliency
     from .methods import get_method
 
@@ -236,7 +249,10 @@ def run_pipeline(cfg, denoise_variants=None, figure_rows: int = 4, log=print, me
         prefix = f"{m}: " if len(methods) > 1 else ""
         paths[m] = run_path(path_cfg, clock, denoise_variants, prefix=prefix, refiners=refiners)
         if segmentation:
-            seg_pseudo[m] = segmentation_step(path_cfg, clock, "pseudo", final_mask_dir(paths[m]), prefix)
+            column = final_mask_column(paths[m])
+            subdirs = SEG_DIRS_RW if column.endswith(" + RW + CRF") else SEG_DIRS["pseudo"]
+            seg_pseudo[m] = dict(segmentation_step(path_cfg, clock, "pseudo", final_mask_dir(paths[m]), prefix,
+                                                   subdirs), masks=column)
             changed = config_changes({k: cfg[k] for k in SEG_SECTIONS}, {k: path_cfg[k] for k in SEG_SECTIONS})
             if changed:
                 seg_warnings.append(f"stage 4 of the {m} path ran with other settings than its fully supervised "
@@ -391,16 +407,20 @@ def segmentation_table(summary: dict) -> list[str]:
     lines.append(f"| {SEG_ROWS['gt']} | {cells(seg['gt'])} |")
     for m, ratio in seg["ratio"].items():
         lines.append(f"| ratio pseudo / ground truth{f' ({m} path)' if several else ''} | {cells(ratio, True)} |")
-    own = []
+    own, trained_on = [], []
     for m, path in summary["paths"].items():
-        value = path["miou"].get("val", {}).get(path["default_column"] + " + CRF")
+        # older summaries (before the RW masks could feed stage 4) name no column: it was the CRF masks
+        column = seg["pseudo"].get(m, {}).get("masks", path["default_column"] + " + CRF")
+        trained_on.append(f"'{column}'{f' ({m})' if several else ''}")
+        value = path["miou"].get("val", {}).get(column)
         if value is not None:
             own.append(f"{value:.2f}{f' ({m})' if several else ''}")
-    lines += ["", "The same network, schedule and inference, trained once on our final pseudo masks of the "
-              "training images (made from image-level labels only) and once on their ground-truth masks; the "
-              "ratio is the share of the fully supervised val mIoU that the weak labels reach (100% = they cost "
-              "nothing)." + (f" For reference, the pseudo masks themselves score {', '.join(own)} on val (the "
-                             f"first table; they need each image's labels, the network does not)." if own else "")]
+    lines += ["", f"The same network, schedule and inference, trained once on our final pseudo masks of the "
+              f"training images (made from image-level labels only: the {', '.join(trained_on)} masks) and once on "
+              f"their ground-truth masks; the ratio is the share of the fully supervised val mIoU that the weak "
+              f"labels reach (100% = they cost nothing)." +
+              (f" For reference, those pseudo masks themselves score {', '.join(own)} on val (made the same way; "
+               f"they need each image's labels, the network does not)." if own else "")]
     return lines
 
 

@@ -530,3 +530,63 @@ def test_path_overrides_apply_to_their_path_only_and_fail_before_any_work(tiny_v
     with pytest.raises(ConfigError, match="train_fusion.no_such_key"):
         pipeline_module.run_pipeline(cfg, methods=["cam", "eps"], log=lambda _: None)
     assert not (tmp_path / "bad").exists()
+
+
+def test_refiner_rows_chain_each_source_and_stage4_trains_on_the_end_of_the_chain(tiny_voc, tmp_path, monkeypatch):
+    """refine_rows wires every refiner to the right inputs (faked stages record them), records the folders of its
+    columns, and the stage-4 mask choice follows the longest chain that ran, in folders of its own."""
+    from pathlib import Path
+
+    from smaf.pipeline import (FUSED, SEG_DIRS, SEG_DIRS_RW, _Clock, final_mask_column, final_mask_dir, refine_rows,
+                               segmentation_table)
+    from smaf.stages import crf, par, random_walk, train_aff
+
+    calls = []
+
+    def fake(name, value):
+        def run(cfg):
+            calls.append((name, cfg))
+            return value(cfg)
+        return run
+
+    monkeypatch.setattr(train_aff, "run", fake("aff", lambda c: tmp_path / "train_aff" / "final.pth"))
+    monkeypatch.setattr(par, "run", fake("par", lambda c: {"miou": 1.0, "out_dir": tmp_path / c.par.out_subdir}))
+    monkeypatch.setattr(random_walk, "run", fake("rw", lambda c: {"miou": 2.0,
+                                                                "out_dir": tmp_path / c.random_walk.out_subdir}))
+    monkeypatch.setattr(crf, "run", fake("crf", lambda c: {"miou": 3.0, "output_dir": Path(c.crf.input_dir).parent}))
+    cfg = tiny_cfg(tiny_voc, tmp_path)
+    default = "self-trained (denoise off)"
+    out = {"miou": {"train": {}, "val": {}}, "default_column": default,
+           "folders": {s: {FUSED: tmp_path / f"fused_{s}", default: tmp_path / f"st_{s}",
+                           default + " + CRF": tmp_path / f"st_{s}"} for s in ("train", "val")}}
+    assert final_mask_column(out) == default + " + CRF"   # before any refiner: stage 3's CRF masks
+    lists = {"train": ("train.txt", "infer.txt"), "val": ("val.txt", "val.txt")}
+    refine_rows(cfg, _Clock(tmp_path / "timings.json", lambda _: None), out, lists, ["par", "rw"])
+    # AffinityNet once, on the fused maps of the training list; then per split and source PAR, RW, CRF after RW
+    assert [n for n, _ in calls] == ["aff"] + ["par", "rw", "crf"] * 4
+    assert calls[0][1].train_aff.cam_dir == str(tmp_path / "fused_train" / "cam_npy")
+    assert calls[0][1].train_aff.train_list == "train.txt"
+    walks = [c for n, c in calls if n == "rw"]
+    assert [c.random_walk.cam_dir for c in walks] == [str(tmp_path / f"{src}_{s}" / "cam_npy")
+                                                     for s in ("train", "val") for src in ("fused", "st")]
+    assert {c.random_walk.checkpoint for c in walks} == {str(tmp_path / "train_aff" / "final.pth")}
+    assert [c.random_walk.eval_list for c in walks] == ["infer.txt", "infer.txt", "val.txt", "val.txt"]
+    crfs = [c for n, c in calls if n == "crf"]
+    assert crfs[1].crf.input_dir == str(tmp_path / "rw_self_trained_train" / "cam_png")
+    for s in ("train", "val"):
+        assert out["miou"][s][f"{default} + PAR"] == 1.0 and out["miou"][s][f"{FUSED} + RW"] == 2.0
+        assert out["miou"][s][f"{default} + RW + CRF"] == 3.0
+        assert out["folders"][s][f"{default} + RW + CRF"] == tmp_path / f"rw_self_trained_{s}"
+    # stage 4 now trains on the self-trained + RW + CRF masks of the training list
+    assert final_mask_column(out) == default + " + RW + CRF"
+    assert final_mask_dir(out) == tmp_path / "rw_self_trained_train" / "crf_png"
+    assert SEG_DIRS_RW[0] != SEG_DIRS["pseudo"][0] and SEG_DIRS_RW[1] != SEG_DIRS["pseudo"][1]
+    # the stage-4 table says which masks it trained on and quotes those masks' own val score
+    out["miou"]["val"][default + " + CRF"] = 9.0
+    result = {"miou": 0.5, "miou_crf": 0.6, "masks": default + " + RW + CRF"}
+    summary = {"paths": {"cam": out}, "segmentation": {"network": "n", "pseudo": {"cam": result},
+                                                        "gt": {"miou": 0.8, "miou_crf": 0.9},
+                                                        "ratio": {"cam": {"miou": 0.625, "miou_crf": 0.6667}}}}
+    text = "\n".join(segmentation_table(summary))
+    assert f"the '{default} + RW + CRF' masks" in text and "themselves score 3.00 on val" in text
+    assert "| ratio pseudo / ground truth | 62.5% | 66.7% |" in text
