@@ -27,6 +27,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(max(1, available_cores() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Heaviest files first. A file's weight is the largest ``pytest.mark.cost(seconds)`` of its tests (a rough
+    one-core time; unmarked: 0); the sort is stable, so every xdist worker collects the same order, and
+    ``--dist loadfile --no-loadscope-reorder`` (setup.cfg) hands files out in it: the longest file starts at once
+    instead of running alone after the rest (longest-first keeps the workers' finishing times close)."""
+    weight = {}
+    for item in items:
+        marker = item.get_closest_marker("cost")
+        weight[item.path] = max(weight.get(item.path, 0.0), float(marker.args[0]) if marker else 0.0)
+    items.sort(key=lambda item: -weight[item.path])
+
+
 def real_data_missing(reason: str):
     """Skip the running test with ``reason`` (real data absent), or fail it with the same reason when
     ``SMAF_REQUIRE_SHARED=1``."""

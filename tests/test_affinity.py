@@ -213,6 +213,7 @@ def _coarse_cams(layout, ids, out_dir):
         save_cam_dict(out_dir / f"{i}.npy", cams)
 
 
+@pytest.mark.cost(28)
 def test_a_tiny_affinity_net_run_improves_the_cam_miou_of_a_synthetic_set(tmp_path):
     from smaf.cam.background import BackgroundRule
     from smaf.data.synthetic import make_synthetic_dataset

@@ -135,6 +135,7 @@ def runs(tiny_voc, tmp_path_factory):
     return single, multi, events, ids
 
 
+@pytest.mark.cost(35)
 def test_ddp_step_gives_the_single_process_weights(runs):
     single, multi, events, _ = runs
     assert all(["world", WORLD] in e for e in events["train_cls"]), "the ranks did not join one process group"

@@ -164,6 +164,7 @@ def _assert_close_states(got: dict, expected: dict, what: str) -> None:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{what} {key}: {m}")
 
 
+@pytest.mark.cost(40)
 def test_ddp_stage2_ends_with_the_single_process_student_teacher_and_prototypes(ddp):
     """Each rank trains on its half of every global batch; DDP averages the gradients, every rank's EMA
     teacher follows the same student and the bank moves with the class means summed over the ranks: rank 0's

@@ -99,6 +99,7 @@ def test_scores_accepts_a_square_matrix():
 
 
 # --------------------------------------------------------------------- real VOC val masks (1449 files)
+@pytest.mark.cost(17)
 def test_voc_val_masks_against_themselves_give_100(voc_meta, tmp_path):
     ids = read_id_list(voc_meta / "val.txt")
     assert len(ids) == 1449

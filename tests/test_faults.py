@@ -211,6 +211,7 @@ def run_and_kill(module: str, args: list[str], stage_dir: Path, window: float, r
         return f"{module} finished before the kill at {delay:.2f} s"
 
 
+@pytest.mark.cost(46)
 def test_killed_stages_resume_to_the_uninterrupted_outputs(tiny_voc, reference, tmp_path):
     ref_work, seconds = reference
     rng = random.Random(SEED)

@@ -246,6 +246,7 @@ def test_run_layout_names_the_stage4_inputs(tmp_path):
     assert voc.train_seg.poly_sgd == {"momentum": 0.9, "power": 0.9} and voc.infer_seg.scales == [0.5, 0.75, 1.0]
 
 
+@pytest.mark.cost(52)
 def test_a_tiny_fully_supervised_run_overfits_a_handful_of_images(tiny_voc, tmp_path):
     """Ground-truth masks of 4 synthetic images: after 50 iterations the train mIoU (inference on the same
     images) is above :data:`OVERFIT_MIOU_BOUND`; the CRF, overlays, reports and speed file are written."""
