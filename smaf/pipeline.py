@@ -12,10 +12,14 @@ the baselines, the wall time of each stage, and writes ``summary.json``, ``summa
 (image | GT | [saliency x label] | per path: fused CAM, final mask, for a few validation images) into
 ``work_dir``. With several paths each runs in ``<work_dir>/<method>/``.
 
+With ``--cams-only`` each path stops after stage 1 (single-scale and fused CAM: the method axis), and the
+summary gives each path's wall time.
+
 With ``--segmentation`` (stage 4, opt-in): after each path's stages 0-3 the segmentation network
-(``train_seg``) is trained on that path's final pseudo masks (the default self-trained setting's CRF PNGs of
-the training list) in ``<path work_dir>/train_seg/`` and run over the validation list (``infer_seg``, mIoU with
-and without the CRF) in ``<path work_dir>/infer_seg/``; once per run, its fully supervised twin (the same
+(``train_seg``) is trained on that path's final pseudo masks (:func:`stage4_masks`: the default self-trained
+setting's CRF PNGs of the training list, or with ``--refiners rw`` its ``+ RW + CRF`` masks) in
+``<path work_dir>/train_seg/`` (``train_seg_rw/``) and run over the validation list (``infer_seg``, mIoU with
+and without the CRF) in ``<path work_dir>/infer_seg/`` (``infer_seg_rw/``); once per run, its fully supervised twin (the same
 network, schedule and inference on the ground-truth masks, ``train_seg.masks=gt``) in
 ``<work_dir>/train_seg_gt/`` and ``<work_dir>/infer_seg_gt/``. A second table gives both val mIoUs and their
 ratio (docs/segmentation.md).
@@ -49,6 +53,9 @@ SEG_DIRS = {"pseudo": ("train_seg", "infer_seg"), "gt": ("train_seg_gt", "infer_
 #: Stage 4 on the random-walk masks (``--refiners rw``) gets folders of its own: a finished network trained on
 #: other masks is never taken for it.
 SEG_DIRS_RW = ("train_seg_rw", "infer_seg_rw")
+#: The suffixes :func:`refine_rows` appends to a source column's name (one place, shared with the stage-4 mask
+#: choice and the summary's split of stage columns from refiner columns).
+PAR_SUFFIX, RW_SUFFIX, RW_CRF_SUFFIX = " + PAR", " + RW", " + RW + CRF"
 #: The sections that must agree between a path's stage 4 and the twin for the ratio to compare like with like.
 SEG_SECTIONS = ("model", "train_seg", "infer_seg")
 
@@ -84,10 +91,12 @@ class _Clock:
         return out
 
 
-def run_path(cfg, clock: _Clock, denoise_variants=None, prefix: str = "", refiners=()) -> dict:
+def run_path(cfg, clock: _Clock, denoise_variants=None, prefix: str = "", refiners=(), cams_only: bool = False) -> dict:
     """Stages 0-3 of one stage-0 path (``cfg.train_cls.method``) in ``cfg.work_dir``, then the ``refiners``
-    (:data:`REFINERS`) on its fused and self-trained maps. Returns
-    ``{'miou': {split: {column: value}}, 'folders': {split: {column: stage folder}}, 'bg_scores', 'warnings'}``."""
+    (:data:`REFINERS`) on its fused and self-trained maps; with ``cams_only`` stages 0 and 1 only (the method
+    axis: single-scale and fused CAM). Returns ``{'miou': {split: {column: value}}, 'folders': {split: {column:
+    stage folder}}, 'bg_scores', 'warnings', 'default_column'}`` (the column of the final masks: the fused CAM
+    with ``cams_only``)."""
     from .stages import gen_fusion, gen_pm, train_cls, train_fusion
 
     default_denoise = bool(cfg.train_fusion.denoise)
@@ -112,6 +121,9 @@ def run_path(cfg, clock: _Clock, denoise_variants=None, prefix: str = "", refine
         multi = derive(cfg, fusion__out_subdir=cfg.fusion.out_subdir if split == "train" else f"fusion_{split}",
                        fusion__list=gen_list, fusion__eval_list=eval_list)
         record(split, FUSED, clock(f"{prefix}stage 1 multi-scale ({split})", gen_fusion.run, multi))
+    if cams_only:
+        out["default_column"] = FUSED
+        variants = []
     for denoise in variants:
         name = _variant_name(denoise)
         stage2 = derive(cfg, train_fusion__denoise=denoise, train_fusion__out_subdir=f"train_fusion_{name}")
@@ -161,34 +173,35 @@ def refine_rows(cfg, clock: _Clock, out: dict, lists: dict, refiners, prefix: st
                 step = derive(cfg, par__input_dir=str(source), par__out_subdir=f"par_{tag}_{split}",
                               par__eval_list=eval_list, par__list="")
                 result = clock(f"{prefix}PAR ({tag}, {split})", par.run, step)
-                out["miou"][split][f"{column} + PAR"] = result["miou"]
-                out["folders"][split][f"{column} + PAR"] = Path(result["out_dir"])
+                out["miou"][split][column + PAR_SUFFIX] = result["miou"]
+                out["folders"][split][column + PAR_SUFFIX] = Path(result["out_dir"])
             if "rw" in refiners:
                 step = derive(cfg, random_walk__cam_dir=str(source), random_walk__checkpoint=str(rw_checkpoint),
                               random_walk__out_subdir=f"rw_{tag}_{split}", random_walk__eval_list=eval_list,
                               random_walk__list="")
                 result = clock(f"{prefix}random walk ({tag}, {split})", random_walk.run, step)
-                out["miou"][split][f"{column} + RW"] = result["miou"]
-                out["folders"][split][f"{column} + RW"] = Path(result["out_dir"])
+                out["miou"][split][column + RW_SUFFIX] = result["miou"]
+                out["folders"][split][column + RW_SUFFIX] = Path(result["out_dir"])
                 refine = derive(cfg, crf__input_dir=str(Path(result["out_dir"]) / CAM_PNG), crf__out_subdir="",
                                 crf__output_dir="", crf__eval_list=eval_list)
-                out["miou"][split][f"{column} + RW + CRF"] = clock(f"{prefix}CRF after RW ({tag}, {split})",
+                out["miou"][split][column + RW_CRF_SUFFIX] = clock(f"{prefix}CRF after RW ({tag}, {split})",
                                                                   crf.run, refine)["miou"]
                 # the CRF writes <rw folder>/crf_png: the same layout as the " + CRF" columns' folders
-                out["folders"][split][f"{column} + RW + CRF"] = Path(result["out_dir"])
+                out["folders"][split][column + RW_CRF_SUFFIX] = Path(result["out_dir"])
 
 
-def final_mask_column(path: dict) -> str:
-    """The column of a :func:`run_path` result whose training-list masks are the path's final pseudo masks (what
-    stage 4 trains on): the end of the longest chain that ran, i.e. the default self-trained setting ``+ RW + CRF``
-    when the random walk ran (``--refiners rw``), else its ``+ CRF`` masks."""
-    refined = path["default_column"] + " + RW + CRF"
-    return refined if refined in path["folders"]["train"] else path["default_column"] + " + CRF"
-
-
-def final_mask_dir(path: dict) -> Path:
-    """The label PNGs (``<folder>/crf_png``) of :func:`final_mask_column` on the training list."""
-    return Path(path["folders"]["train"][final_mask_column(path)]) / CRF_PNG
+def stage4_masks(path: dict) -> tuple:
+    """What stage 4 of a :func:`run_path` result trains on, decided once: the end of the longest chain that ran,
+    i.e. the default self-trained setting ``+ RW + CRF`` when the random walk ran (``--refiners rw``), else its
+    ``+ CRF`` masks. Returns ``(column, mask_dir, subdirs)``: the column's name, its training-list label PNGs
+    (``<folder>/crf_png``) and the (train_seg, infer_seg) folders of that source (:data:`SEG_DIRS_RW` for the
+    random-walk masks, so that a network trained on other masks is never taken for it)."""
+    refined = path["default_column"] + RW_CRF_SUFFIX
+    if refined in path["folders"]["train"]:
+        column, subdirs = refined, SEG_DIRS_RW
+    else:
+        column, subdirs = path["default_column"] + " + CRF", SEG_DIRS["pseudo"]
+    return column, Path(path["folders"]["train"][column]) / CRF_PNG, subdirs
 
 
 def segmentation_step(cfg, clock: _Clock, masks: str, mask_dir="", prefix: str = "", subdirs=None) -> dict:
@@ -217,16 +230,20 @@ def _ratio(a, b):
 
 
 def run_pipeline(cfg, denoise_variants=None, figure_rows: int = 4, log=print, methods=None,
-                 baselines: bool = False, refiners=(), segmentation: bool = False) -> dict:
+                 baselines: bool = False, refiners=(), segmentation: bool = False, cams_only: bool = False) -> dict:
     """Run and measure every stage of every path. Returns the summary dict (also written to
     ``<work_dir>/summary.json``): ``{'paths': {method: run_path(...) result}, 'baselines': {split: {name: mIoU}},
     'timings_s', 'total_s', 'warnings', ...}``; with ``segmentation`` (stage 4, :func:`segmentation_step`) also
     ``'segmentation': {'network', 'pseudo': {method: result + {'masks': column it trained on}}, 'gt': result,
-    'ratio': {method: {'miou', 'miou_crf'}}}`` (ratio = pseudo / gt val mIoU)."""
+    'ratio': {method: {'miou', 'miou_crf'}}}`` (ratio = pseudo / gt val mIoU). ``'path_s'``: {method: wall time
+    of its steps}. ``cams_only``: stages 0 and 1 of each path only (no refiners, no stage 4)."""
     from . import saliency
     from .methods import get_method
 
     work = Path(cfg.work_dir)
+    if cams_only and (refiners or segmentation):
+        raise ValueError("--cams-only stops after stage 1: drop --refiners / --segmentation (they need stage 3's "
+                         "masks), or drop --cams-only")
     methods = list(dict.fromkeys(methods or [cfg.train_cls.method]))
     for m in methods:
         get_method(m)   # an unknown method, or a bad key of its path overrides, fails before any work
@@ -239,7 +256,7 @@ def run_pipeline(cfg, denoise_variants=None, figure_rows: int = 4, log=print, me
 
     if baselines or any(needs_saliency(m) for m in methods):
         clock("saliency maps (train + val)", saliency.run, derive(cfg, saliency__lists=[]))
-    paths, seg_pseudo, seg_warnings = {}, {}, []
+    paths, seg_pseudo, seg_warnings, path_s, path_cfgs = {}, {}, [], {}, {}
     for m in methods:
         path_cfg = derive(cfg, train_cls__method=m)
         # a path's own settings (pipeline.path_overrides.<method>: key=value strings), e.g. its stage-2 lr
@@ -247,16 +264,20 @@ def run_pipeline(cfg, denoise_variants=None, figure_rows: int = 4, log=print, me
         if len(methods) > 1:
             path_cfg = derive(path_cfg, work_dir=str(work / m))
         prefix = f"{m}: " if len(methods) > 1 else ""
-        paths[m] = run_path(path_cfg, clock, denoise_variants, prefix=prefix, refiners=refiners)
+        if m == "sc_cam" and "cam" in path_cfgs:
+            path_cfg = share_sc_cam_round0(path_cfg, path_cfgs["cam"], log)
+        path_cfgs[m] = path_cfg
+        spent = sum(clock.timings.values())
+        paths[m] = run_path(path_cfg, clock, denoise_variants, prefix=prefix, refiners=refiners, cams_only=cams_only)
         if segmentation:
-            column = final_mask_column(paths[m])
-            subdirs = SEG_DIRS_RW if column.endswith(" + RW + CRF") else SEG_DIRS["pseudo"]
-            seg_pseudo[m] = dict(segmentation_step(path_cfg, clock, "pseudo", final_mask_dir(paths[m]), prefix,
-                                                   subdirs), masks=column)
+            column, mask_dir, subdirs = stage4_masks(paths[m])
+            seg_pseudo[m] = dict(segmentation_step(path_cfg, clock, "pseudo", mask_dir, prefix, subdirs),
+                                 masks=column)
             changed = config_changes({k: cfg[k] for k in SEG_SECTIONS}, {k: path_cfg[k] for k in SEG_SECTIONS})
             if changed:
                 seg_warnings.append(f"stage 4 of the {m} path ran with other settings than its fully supervised "
                                     f"twin ({'; '.join(changed)}): the ratio compares unlike networks")
+        path_s[m] = round(sum(clock.timings.values()) - spent, 1)   # its stages (and its stage 4), not the twin
     summary = {"config": cfg.get("config_name", ""), "work_dir": str(cfg.work_dir), "backbone": cfg.model.backbone,
                "bg_method": cfg.inference.bg_method, "bg_threshold": cfg.inference.bg_threshold,
                "methods": methods, "paths": paths,
@@ -274,6 +295,7 @@ def run_pipeline(cfg, denoise_variants=None, figure_rows: int = 4, log=print, me
         summary["baselines"] = clock("baselines (saliency x image label)", saliency_baselines, cfg,
                                      work, paths[methods[0]]["folders"])
     summary["timings_s"] = clock.timings
+    summary["path_s"] = path_s
     summary["total_s"] = round(sum(clock.timings.values()), 1)
     summary["figure"] = str(make_figure(cfg, work, paths, figure_rows, with_saliency=baselines))
     for p in paths.values():   # Paths -> str for JSON
@@ -281,6 +303,23 @@ def run_pipeline(cfg, denoise_variants=None, figure_rows: int = 4, log=print, me
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     (work / "summary.md").write_text(format_summary(summary))
     return summary
+
+
+def share_sc_cam_round0(sc_cam_cfg, cam_cfg, log=print):
+    """SC-CAM's round 0 trains a plain ``cam`` classifier with its path's settings. When the run's ``cam`` path
+    (config ``cam_cfg``, already run) trained exactly that (the whole config equal apart from ``work_dir`` once the
+    method is set to ``cam``), its ``final.pth`` is round 0: returns ``sc_cam_cfg`` with
+    ``train_cls.sc_cam.initial_checkpoint`` set to it (unchanged when set already or when the settings differ)."""
+    from .run_layout import RunLayout
+
+    if str(sc_cam_cfg.train_cls.sc_cam.initial_checkpoint or ""):
+        return sc_cam_cfg
+    round0 = derive(sc_cam_cfg, train_cls__method="cam", work_dir=cam_cfg.work_dir)
+    if config_changes(round0.to_dict(), cam_cfg.to_dict()):
+        return sc_cam_cfg
+    final = RunLayout(cam_cfg).stage_dir("train_cls") / FINAL
+    log(f"== sc_cam: round 0 is the cam path's classifier ({final}): the same settings, not trained twice")
+    return derive(sc_cam_cfg, train_cls__sc_cam__initial_checkpoint=str(final))
 
 
 def saliency_baselines(cfg, work: Path, folders: dict) -> dict:
@@ -350,7 +389,7 @@ def format_summary(summary: dict) -> str:
     paths = summary["paths"]
     several = len(paths) > 1
     every = list(dict.fromkeys(c for p in paths.values() for s in p["miou"] for c in p["miou"][s]))
-    refined = [c for c in every if c.endswith(("+ PAR", "+ RW", "+ RW + CRF"))]
+    refined = [c for c in every if c.endswith((PAR_SUFFIX, RW_SUFFIX, RW_CRF_SUFFIX))]
     columns = [c for c in every if c not in refined]
     columns.sort(key=lambda c: c.endswith("+ CRF"))   # stable: the CRF column last, as the final masks
 
@@ -387,6 +426,9 @@ def format_summary(summary: dict) -> str:
               "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in summary["timings_s"].items()]
     lines.append(f"| total | {summary['total_s']:.1f} |")
+    if len(summary.get("path_s") or {}) > 1:
+        lines += ["", "| path | wall time (s) |", "|---|---|"] + [f"| {m} | {v:.1f} |"
+                                                               for m, v in summary["path_s"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -457,8 +499,9 @@ def make_figure(cfg, work: Path, paths: dict, rows: int, with_saliency: bool = F
                 heat = np.max(np.stack(list(cams.values())), 0) if cams else np.zeros(image.shape[:2], np.float32)
                 tiles.append(overlay(image, heat=heat))
                 titles.append(f"{m}: {title}" if several else title)
-            tiles.append(overlay(image, label=load_label_png(final_dirs[m] / sub[m] / f"{image_id}.png")))
-            titles.append((f"{m}: " if several else "") + "final mask" + (" (CRF)" if sub[m] == CRF_PNG else ""))
+            if p["default_column"] != FUSED:   # (--cams-only: the fused CAM is the last column)
+                tiles.append(overlay(image, label=load_label_png(final_dirs[m] / sub[m] / f"{image_id}.png")))
+                titles.append((f"{m}: " if several else "") + "final mask" + (" (CRF)" if sub[m] == CRF_PNG else ""))
         strips.append(make_panel(tiles, titles))
     if not strips:
         return Path()
@@ -483,6 +526,9 @@ def main(argv=None) -> None:
     parser.add_argument("--segmentation", action="store_true",
                         help="also stage 4: the segmentation network on each path's final pseudo masks and, once, "
                              "its fully supervised twin on the ground truth; val mIoU and their ratio")
+    parser.add_argument("--cams-only", action="store_true",
+                        help="stages 0 and 1 only: single-scale and fused CAM mIoU (and wall time) per path, e.g. "
+                             "to compare stage-0 methods (docs/seed_methods.md)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     args = parser.parse_args(argv)
     from .runtime import expected_errors
@@ -493,7 +539,7 @@ def main(argv=None) -> None:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()] or None
         refiners = [r.strip() for r in args.refiners.split(",") if r.strip()]
         summary = run_pipeline(cfg, variants, methods=methods, baselines=args.baselines, refiners=refiners,
-                               segmentation=args.segmentation)
+                               segmentation=args.segmentation, cams_only=args.cams_only)
     print()
     print(format_summary(summary))
     print(f"overlays: {summary['work_dir']}/*/overlays/   figure: {summary['figure']}   "

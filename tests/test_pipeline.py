@@ -424,6 +424,7 @@ TINY_SEG = ("train_seg.crop=48", "train_seg.base_long=64", "train_seg.scale_rang
             "infer_seg.overlays=1")
 
 
+@pytest.mark.cost(41)
 def test_pipeline_runner_adds_stage4_and_its_fully_supervised_twin_once(tiny_voc, tmp_path, monkeypatch):
     import json
 
@@ -511,7 +512,7 @@ def test_path_overrides_apply_to_their_path_only_and_fail_before_any_work(tiny_v
 
     seen = {}
 
-    def fake_run_path(path_cfg, clock, denoise_variants, prefix="", refiners=()):
+    def fake_run_path(path_cfg, clock, denoise_variants, prefix="", refiners=(), cams_only=False):
         seen[path_cfg.train_cls.method] = (path_cfg.train_fusion.lr, path_cfg.work_dir)
         raise RuntimeError("stop after recording")   # no real stage work in this test
 
@@ -537,8 +538,7 @@ def test_refiner_rows_chain_each_source_and_stage4_trains_on_the_end_of_the_chai
     columns, and the stage-4 mask choice follows the longest chain that ran, in folders of its own."""
     from pathlib import Path
 
-    from smaf.pipeline import (FUSED, SEG_DIRS, SEG_DIRS_RW, _Clock, final_mask_column, final_mask_dir, refine_rows,
-                               segmentation_table)
+    from smaf.pipeline import FUSED, SEG_DIRS, SEG_DIRS_RW, _Clock, refine_rows, segmentation_table, stage4_masks
     from smaf.stages import crf, par, random_walk, train_aff
 
     calls = []
@@ -559,7 +559,8 @@ def test_refiner_rows_chain_each_source_and_stage4_trains_on_the_end_of_the_chai
     out = {"miou": {"train": {}, "val": {}}, "default_column": default,
            "folders": {s: {FUSED: tmp_path / f"fused_{s}", default: tmp_path / f"st_{s}",
                            default + " + CRF": tmp_path / f"st_{s}"} for s in ("train", "val")}}
-    assert final_mask_column(out) == default + " + CRF"   # before any refiner: stage 3's CRF masks
+    # before any refiner: stage 3's CRF masks, in stage 4's usual folders
+    assert stage4_masks(out) == (default + " + CRF", tmp_path / "st_train" / "crf_png", SEG_DIRS["pseudo"])
     lists = {"train": ("train.txt", "infer.txt"), "val": ("val.txt", "val.txt")}
     refine_rows(cfg, _Clock(tmp_path / "timings.json", lambda _: None), out, lists, ["par", "rw"])
     # AffinityNet once, on the fused maps of the training list; then per split and source PAR, RW, CRF after RW
@@ -578,8 +579,7 @@ def test_refiner_rows_chain_each_source_and_stage4_trains_on_the_end_of_the_chai
         assert out["miou"][s][f"{default} + RW + CRF"] == 3.0
         assert out["folders"][s][f"{default} + RW + CRF"] == tmp_path / f"rw_self_trained_{s}"
     # stage 4 now trains on the self-trained + RW + CRF masks of the training list
-    assert final_mask_column(out) == default + " + RW + CRF"
-    assert final_mask_dir(out) == tmp_path / "rw_self_trained_train" / "crf_png"
+    assert stage4_masks(out) == (default + " + RW + CRF", tmp_path / "rw_self_trained_train" / "crf_png", SEG_DIRS_RW)
     assert SEG_DIRS_RW[0] != SEG_DIRS["pseudo"][0] and SEG_DIRS_RW[1] != SEG_DIRS["pseudo"][1]
     # the stage-4 table says which masks it trained on and quotes those masks' own val score
     out["miou"]["val"][default + " + CRF"] = 9.0
@@ -590,3 +590,59 @@ def test_refiner_rows_chain_each_source_and_stage4_trains_on_the_end_of_the_chai
     text = "\n".join(segmentation_table(summary))
     assert f"the '{default} + RW + CRF' masks" in text and "themselves score 3.00 on val" in text
     assert "| ratio pseudo / ground truth | 62.5% | 66.7% |" in text
+
+
+def test_cams_only_stops_each_path_after_stage1_and_times_each_path(tiny_voc, tmp_path, monkeypatch):
+    """--cams-only (the method axis): every path runs stages 0 and 1 only, the table has the single-scale and fused
+    columns, and each path's wall time is the sum of its own steps; refiners or stage 4 with it fail before work.
+    SC-CAM's round 0 (a plain cam classifier of the same settings) is the cam path's network, not trained again."""
+    import yaml
+
+    import smaf.pipeline as pipeline_module
+    from smaf.config import derive
+    from smaf.pipeline import FUSED, SINGLE, format_summary, run_pipeline, share_sc_cam_round0
+
+    cfg = tiny_cfg(tiny_voc, tmp_path, "train_cls.iterations=2", "train_cls.val_every=0", "inference.scales=[1.0]",
+                   "inference.flip=false", "train_cls.sc_cam.rounds=1", "train_cls.sc_cam.num_subcategories=2",
+                   "train_cls.sc_cam.kmeans_n_init=1")
+    for extra in ({"refiners": ["par"]}, {"segmentation": True}):
+        with pytest.raises(ValueError, match="--cams-only stops after stage 1"):
+            run_pipeline(cfg, log=lambda _: None, methods=["cam", "sc_cam"], cams_only=True, **extra)
+    assert not (tmp_path / "cam").exists()                    # failed before any work
+    logged = []
+    summary = run_pipeline(cfg, figure_rows=1, log=logged.append, methods=["cam", "sc_cam"], cams_only=True)
+    for m in ("cam", "sc_cam"):
+        path = summary["paths"][m]
+        assert path["default_column"] == FUSED
+        assert all(list(path["miou"][s]) == [SINGLE, FUSED] for s in ("train", "val"))
+        assert (tmp_path / m / "train_cls" / "final.pth").is_file() and (tmp_path / m / "fusion").is_dir()
+        assert not list((tmp_path / m).glob("train_fusion*")) and not list((tmp_path / m).glob("pseudo_masks*"))
+        own = [v for k, v in summary["timings_s"].items() if k.startswith(f"{m}: ")]
+        assert len(own) == 5 and summary["path_s"][m] == pytest.approx(sum(own), abs=0.11)
+    table = format_summary(summary)
+    assert "| path | wall time (s) |" in table and f"| sc_cam | {summary['path_s']['sc_cam']:.1f} |" in table
+    assert f"| mIoU (%) | {SINGLE} | {FUSED} |" in table
+    # round 0 of SC-CAM: the cam path's final.pth (no round_0 folder trained), and the log says so
+    cam_final = tmp_path / "cam" / "train_cls" / "final.pth"
+    assert not (tmp_path / "sc_cam" / "train_cls" / "round_0").exists()
+    saved = yaml.safe_load((tmp_path / "sc_cam" / "train_cls" / "round_1" / "config.yaml").read_text())
+    assert saved["train_cls"]["sc_cam"]["initial_checkpoint"] == str(cam_final)
+    assert any("round 0 is the cam path's classifier" in line for line in logged)
+    # other settings than the cam path's (or a checkpoint set by the user): round 0 stays the path's own
+    sc = derive(cfg, train_cls__method="sc_cam", work_dir=str(tmp_path / "x"))
+    cam = derive(cfg, train_cls__method="cam", work_dir=str(tmp_path / "cam"))
+    assert share_sc_cam_round0(sc, cam, log=lambda _: None).train_cls.sc_cam.initial_checkpoint == str(cam_final)
+    assert share_sc_cam_round0(sc, derive(cam, train_cls__lr=0.5), log=lambda _: None) is sc
+    own_start = derive(sc, train_cls__sc_cam__initial_checkpoint="mine.pth")
+    assert share_sc_cam_round0(own_start, cam, log=lambda _: None).train_cls.sc_cam.initial_checkpoint == "mine.pth"
+    # the command-line flag reaches run_pipeline
+    seen = {}
+
+    def fake_run_pipeline(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop after recording")
+
+    monkeypatch.setattr(pipeline_module, "run_pipeline", fake_run_pipeline)
+    with pytest.raises(RuntimeError, match="stop after recording"):
+        pipeline_module.main(["--config", "demo", "--cams-only", "--methods", "seam", f"work_dir={tmp_path / 'cli'}"])
+    assert seen["cams_only"] is True and seen["methods"] == ["seam"]
