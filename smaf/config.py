@@ -61,6 +61,12 @@ class ConfigError(SmafError, ValueError):
     """A config file or override is wrong; the message says which key and what is valid."""
 
 
+#: Attribute of a section holding the fragments it does not select, as the config files resolved them (not keys:
+#: never dumped or compared), so that :func:`derive` switching a selector brings the config's settings of the
+#: newly selected fragment (e.g. ``demo.yaml``'s ``a2gnn.box.epochs``), not only the fragment file's defaults.
+_UNSELECTED = "_unselected_fragments"
+
+
 class Config(dict):
     """A dict whose keys are also attributes (``cfg.train.lr``); nested dicts become Configs."""
 
@@ -79,7 +85,13 @@ class Config(dict):
         self[name] = Config(value) if isinstance(value, Mapping) and not isinstance(value, Config) else value
 
     def __deepcopy__(self, memo):
-        return Config(copy.deepcopy(dict(self), memo))
+        new = Config()
+        for key, value in self.items():
+            new[key] = copy.deepcopy(value, memo)      # nested Configs copy themselves (and their stash)
+        stash = self.__dict__.get(_UNSELECTED)
+        if stash is not None:
+            object.__setattr__(new, _UNSELECTED, copy.deepcopy(stash, memo))
+        return new
 
     def to_dict(self) -> dict:
         """Plain nested dicts (for YAML dumping and pickling)."""
@@ -255,9 +267,10 @@ def _drop_unselected(cfg: Config) -> None:
     for name, section, kind in _selectors(cfg):
         selected = str(section[kind])
         read_fragment(kind, name, selected)   # an unknown name fails here, listing the valid ones
+        stash = section.__dict__.setdefault(_UNSELECTED, {})
         for fragment in fragment_names(kind, name):
-            if fragment != selected:
-                section.pop(fragment, None)
+            if fragment != selected and fragment in section:
+                stash[fragment] = section.pop(fragment)
 
 
 def load_config(name_or_path: str | os.PathLike = "voc12", overrides: Iterable[str] = ()) -> Config:
@@ -318,8 +331,12 @@ def derive(cfg: Config, **changes) -> Config:
         if last not in node:
             raise ConfigError(f"unknown config key '{'.'.join(path + [last])}'")
         if last in FRAGMENT_KINDS and node[last] != value:
-            fragment = read_fragment(last, path[-1] if path else "", str(value))
-            node.pop(str(node[last]), None)
+            stash = node.__dict__.setdefault(_UNSELECTED, {})
+            fragment = stash.pop(str(value), None)    # the config's own settings of that fragment, when it had any
+            if fragment is None:
+                fragment = read_fragment(last, path[-1] if path else "", str(value))
+            if str(node[last]) in node:
+                stash[str(node[last])] = node.pop(str(node[last]))
             node.setdefault(str(value), fragment)
         node[last] = value
     return new

@@ -44,8 +44,10 @@ SINGLE, FUSED = "single-scale CAM", "fused multi-scale CAM"
 SALIENCY_BASELINE = "saliency x image label"
 #: Refiners the runner can chain after stage 1 (fused maps) and stage 3 (self-trained maps of the default
 #: setting): ``par`` (AFA's PAR, training-free), ``rw`` (AffinityNet trained on the path's fused train maps,
-#: then the random walk, and the CRF after it).
-REFINERS = ("par", "rw")
+#: then the random walk, and the CRF after it), ``a2gnn`` (an AffinityNet trained with A2GNN's gated-CRF
+#: objective on the same maps, then A2GNN from each source's seeds: its graph, walk and CRF; and once per path
+#: from the tight boxes of the ground-truth masks, a stronger supervision shown for reference).
+REFINERS = ("par", "rw", "a2gnn")
 #: Stage 4 (``--segmentation``): the row names of its table and the (train_seg, infer_seg) folders of each
 #: mask source, under the path's work_dir (pseudo) or the top work_dir (gt, once per run).
 SEG_ROWS = {"pseudo": "trained on our pseudo masks", "gt": "trained on ground truth (fully supervised)"}
@@ -55,7 +57,9 @@ SEG_DIRS = {"pseudo": ("train_seg", "infer_seg"), "gt": ("train_seg_gt", "infer_
 SEG_DIRS_RW = ("train_seg_rw", "infer_seg_rw")
 #: The suffixes :func:`refine_rows` appends to a source column's name (one place, shared with the stage-4 mask
 #: choice and the summary's split of stage columns from refiner columns).
-PAR_SUFFIX, RW_SUFFIX, RW_CRF_SUFFIX = " + PAR", " + RW", " + RW + CRF"
+PAR_SUFFIX, RW_SUFFIX, RW_CRF_SUFFIX, A2GNN_SUFFIX = " + PAR", " + RW", " + RW + CRF", " + A2GNN"
+#: The column of A2GNN from box seeds (``--refiners a2gnn``): not image-level supervision.
+BOX_A2GNN = "A2GNN from boxes (tight boxes of the GT masks)"
 #: The sections that must agree between a path's stage 4 and the twin for the ratio to compare like with like.
 SEG_SECTIONS = ("model", "train_seg", "infer_seg")
 
@@ -153,9 +157,10 @@ def run_path(cfg, clock: _Clock, denoise_variants=None, prefix: str = "", refine
 
 
 def refine_rows(cfg, clock: _Clock, out: dict, lists: dict, refiners, prefix: str = "") -> None:
-    """Add ``<source> + PAR``, ``<source> + RW`` and ``<source> + RW + CRF`` columns to a path's result ``out``
-    (in place) for the sources fused multi-scale CAM and the default self-trained setting, on both lists."""
-    from .stages import crf, par, random_walk, train_aff
+    """Add ``<source> + PAR``, ``<source> + RW``, ``<source> + RW + CRF`` and ``<source> + A2GNN`` columns to a
+    path's result ``out`` (in place) for the sources fused multi-scale CAM and the default self-trained setting, on
+    both lists, as ``refiners`` asks; with ``a2gnn`` also the :data:`BOX_A2GNN` column."""
+    from .stages import a2gnn, crf, par, random_walk, train_aff
 
     bad = [r for r in refiners if r not in REFINERS]
     if bad:
@@ -165,6 +170,12 @@ def refine_rows(cfg, clock: _Clock, out: dict, lists: dict, refiners, prefix: st
         aff = derive(cfg, train_aff__cam_dir=str(out["folders"]["train"][FUSED] / CAM_NPY),
                      train_aff__train_list=lists["train"][0])
         rw_checkpoint = clock(f"{prefix}AffinityNet (on the fused train maps)", train_aff.run, aff)
+    if "a2gnn" in refiners:   # A2GNN's own affinity CNN: the PSA terms over its window + the gated-CRF term
+        gated = derive(cfg, train_aff__cam_dir=str(out["folders"]["train"][FUSED] / CAM_NPY),
+                       train_aff__train_list=lists["train"][0], train_aff__objective="a2gnn",
+                       train_aff__out_subdir="train_aff_a2gnn")
+        a2gnn_checkpoint = clock(f"{prefix}AffinityNet, A2GNN objective (on the fused train maps)", train_aff.run,
+                                 gated)
     for split in SPLITS:
         eval_list = lists[split][1]
         for column, tag in sources.items():
@@ -188,6 +199,20 @@ def refine_rows(cfg, clock: _Clock, out: dict, lists: dict, refiners, prefix: st
                                                                   crf.run, refine)["miou"]
                 # the CRF writes <rw folder>/crf_png: the same layout as the " + CRF" columns' folders
                 out["folders"][split][column + RW_CRF_SUFFIX] = Path(result["out_dir"])
+            if "a2gnn" in refiners:
+                step = derive(cfg, a2gnn__cam_dir=str(source), a2gnn__checkpoint=str(a2gnn_checkpoint),
+                              a2gnn__out_subdir=f"a2gnn_{tag}_{split}", a2gnn__eval_list=eval_list, a2gnn__list="",
+                              a2gnn__preset="image")
+                result = clock(f"{prefix}A2GNN ({tag}, {split})", a2gnn.run, step)
+                out["miou"][split][column + A2GNN_SUFFIX] = result["miou"]
+                out["folders"][split][column + A2GNN_SUFFIX] = Path(result["out_dir"])
+        if "a2gnn" in refiners:
+            step = derive(cfg, a2gnn__preset="box", a2gnn__box_dir="masks", a2gnn__checkpoint=str(a2gnn_checkpoint),
+                          a2gnn__out_subdir=f"a2gnn_box_{split}", a2gnn__list=eval_list, a2gnn__eval_list=eval_list,
+                          a2gnn__cam_dir=str(out["folders"][split][FUSED] / CAM_NPY))
+            result = clock(f"{prefix}A2GNN from boxes ({split})", a2gnn.run, step)
+            out["miou"][split][BOX_A2GNN] = result["miou"]
+            out["folders"][split][BOX_A2GNN] = Path(result["out_dir"])
 
 
 def stage4_masks(path: dict) -> tuple:
@@ -389,7 +414,7 @@ def format_summary(summary: dict) -> str:
     paths = summary["paths"]
     several = len(paths) > 1
     every = list(dict.fromkeys(c for p in paths.values() for s in p["miou"] for c in p["miou"][s]))
-    refined = [c for c in every if c.endswith((PAR_SUFFIX, RW_SUFFIX, RW_CRF_SUFFIX))]
+    refined = [c for c in every if c.endswith((PAR_SUFFIX, RW_SUFFIX, RW_CRF_SUFFIX, A2GNN_SUFFIX)) or c == BOX_A2GNN]
     columns = [c for c in every if c not in refined]
     columns.sort(key=lambda c: c.endswith("+ CRF"))   # stable: the CRF column last, as the final masks
 

@@ -14,10 +14,12 @@ from smaf.models.affinity import (
     AffinityNet,
     affinity_loss,
     build_affinity_net,
+    grid_colour,
     pair_affinities,
     pair_labels,
     psa_offsets,
     source_crop,
+    window_affinity_loss,
 )
 from smaf.refine.affinity_labels import AffinityLabelParams, affinity_label, crop_label, majority_downsample
 
@@ -194,6 +196,100 @@ def test_affinity_dataset_gives_crops_and_grid_labels(tiny_voc, tmp_path):
         AffinityDataset(layout, ids, JointTrainTransform(100), tmp_path)
     with pytest.raises(DatasetError, match="affinity labels missing"):
         AffinityDataset(layout, ids + ["train_00011"], JointTrainTransform(96), tmp_path)
+
+
+# ------------------------------------------------------------------- A2GNN's affinity CNN (spec §8, stage 2)
+def test_window_affinity_loss_equals_a_pair_by_pair_computation():
+    """Every ordered pair (i, j) with |dy|, |dx| <= r, both real nodes: PSA's three terms over the known labels and
+    the gated-CRF term sum K_ij d_ij / pairs with K = exp(-|dxy|^2 64 / (2 xy^2) - |drgb|^2 / (2 rgb^2))."""
+    g = torch.Generator().manual_seed(0)
+    h, w, r, xy, sigma, weight = 4, 5, 2, 6.0, 0.3, 3.0
+    f = torch.rand(1, 3, h, w, generator=g)
+    rgb = torch.rand(1, 3, h, w, generator=g)
+    label = torch.tensor([[[0, 0, 1, 1, 255], [0, 2, 1, 1, 255], [255, 2, 2, 0, 255], [0, 0, 2, 0, 255]]])
+    valid = torch.ones(1, h, w, dtype=torch.bool)
+    valid[0, :, 4] = False                                        # a padding column
+    sums = {"bg": [0.0, 0], "fg": [0.0, 0], "neg": [0.0, 0]}
+    gcrf, pairs = 0.0, 0
+    for y in range(h):
+        for x in range(w):
+            for yy in range(max(0, y - r), min(h, y + r + 1)):
+                for xx in range(max(0, x - r), min(w, x + r + 1)):
+                    if (yy, xx) == (y, x) or not (valid[0, y, x] and valid[0, yy, xx]):
+                        continue
+                    d = float((f[0, :, y, x] - f[0, :, yy, xx]).abs().mean())
+                    a = math.exp(-d)
+                    pairs += 1
+                    k = math.exp(-((yy - y) ** 2 + (xx - x) ** 2) * 64 / (2 * xy ** 2)
+                                 - float(((rgb[0, :, y, x] - rgb[0, :, yy, xx]) ** 2).sum()) / (2 * sigma ** 2))
+                    gcrf += k * d
+                    li, lj = int(label[0, y, x]), int(label[0, yy, xx])
+                    if 255 in (li, lj):
+                        continue
+                    kind = "neg" if li != lj else ("bg" if li == 0 else "fg")
+                    sums[kind][0] += -math.log(1 + 1e-5 - a) if kind == "neg" else -math.log(a + 1e-5)
+                    sums[kind][1] += 1
+    terms = {k: v / (n + 1e-5) for k, (v, n) in sums.items()}
+    expected_gcrf = gcrf / pairs
+    loss, logs = window_affinity_loss(f, label, rgb, valid, r, weight, xy, sigma)
+    assert logs["pairs_bg"] == sums["bg"][1] and logs["pairs_fg"] == sums["fg"][1] and logs["pairs_neg"] == sums["neg"][1]
+    assert logs["bg_pos"] == pytest.approx(terms["bg"], rel=1e-5) and logs["neg"] == pytest.approx(terms["neg"], rel=1e-5)
+    assert logs["fg_pos"] == pytest.approx(terms["fg"], rel=1e-5)
+    assert logs["gcrf"] == pytest.approx(expected_gcrf, rel=1e-5)
+    expected = terms["bg"] / 4 + terms["fg"] / 4 + terms["neg"] / 2 + weight * expected_gcrf
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    # identical features: no distance, no gated term; the loss is what the negative pairs cost
+    same, logs = window_affinity_loss(torch.ones(1, 3, h, w), label, rgb, valid, r, weight, xy, sigma)
+    assert logs["gcrf"] == 0.0 and logs["neg"] == pytest.approx(-math.log(1e-5), rel=1e-3)   # (float32 1 + 1e-5)
+
+
+def test_grid_colour_recovers_each_cells_colour_and_leaves_padding_out():
+    from smaf.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    colours = torch.tensor([[0.2, 0.9], [0.5, 0.1]])                    # one grey level per 8 x 8 cell
+    rgb01 = colours.repeat_interleave(8, 0).repeat_interleave(8, 1).expand(3, 16, 16).clone()
+    valid = torch.ones(1, 16, 16)
+    valid[0, 8:, 8:12] = 0                                              # half of the last cell is padding
+    valid[0, :8, 13:] = 0                                               # a bit of the second cell (3/8)
+    image = (rgb01 - torch.as_tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.as_tensor(IMAGENET_STD).view(3, 1, 1)
+    image = image * valid                                               # padding is 0 after normalisation
+    rgb, grid_valid = grid_colour(image[None], valid, 8)
+    torch.testing.assert_close(rgb[0, 0], colours, atol=1e-5, rtol=0)  # the mean over the cell's image pixels
+    assert grid_valid[0].tolist() == [[True, True], [True, False]]     # half or less image: not a node
+
+
+def test_the_a2gnn_objective_trains_an_affinity_net_and_logs_its_gated_term(tiny_voc, tmp_path):
+    import json
+
+    from smaf.config import ConfigError
+    from smaf.stages import train_aff
+
+    lst = tiny_voc / "ImageSets" / "Segmentation" / "train.txt"
+    cams = tmp_path / "cams"
+    from smaf.data.voc import VOCLayout
+
+    layout = VOCLayout(tiny_voc)
+    _coarse_cams(layout, layout.read_list(lst), cams)
+
+    def cfg(*extra):
+        return load_config("demo", [f"data.root={tiny_voc}", f"data.train_list={lst}", f"work_dir={tmp_path / 'run'}",
+                                    "num_workers=0", f"train_aff.cam_dir={cams}", "train_aff.crop=64",
+                                    "train_aff.batch_size=4", "train_aff.iterations=6", "train_aff.log_every=1",
+                                    "train_aff.optimizer=adamw", "train_aff.lr=0.002", "train_aff.label_workers=1",
+                                    "train_aff.objective=a2gnn", *extra])
+
+    for bad, key in (("train_aff.objective=gated", "train_aff.objective"),
+                     ("train_aff.a2gnn.window_radius=0", "train_aff.a2gnn.window_radius"),
+                     ("train_aff.a2gnn.gcrf_rgb=0", "train_aff.a2gnn.gcrf_rgb"),
+                     ("train_aff.a2gnn.gcrf_weight=-1", "train_aff.a2gnn.gcrf_weight")):
+        with pytest.raises(ConfigError, match=key.replace(".", "\\.")):
+            train_aff.run(cfg(bad))
+        assert not (tmp_path / "run").exists()                          # nothing written before the check
+    final = train_aff.run(cfg())
+    rows = [json.loads(line) for line in (final.parent / "metrics.jsonl").read_text().splitlines()]
+    trained = [row for row in rows if "gcrf" in row]
+    assert len(trained) == 6 and all(row["gcrf"] > 0 for row in trained)
+    assert "A2GNN loss: window radius 3 + 3.0 x gated CRF" in (final.parent / "log.txt").read_text()
 
 
 # ------------------------------------------------------------------------------------------------ end to end

@@ -223,3 +223,28 @@ def test_a_file_that_is_not_a_mapping_or_not_found_is_named(tmp_path):
     child.write_text("base: nowhere.yaml\nseed: 1\n")
     with pytest.raises(ConfigError, match=r"^config 'nowhere\.yaml' not found: give a YAML path or one of: .*demo"):
         load_config(child)
+
+
+def test_derive_switching_a_fragment_brings_the_configs_own_settings_of_it(tmp_path):
+    """A config may set keys of a fragment it does not select (demo.yaml: a2gnn.box.epochs 20); deriving that
+    selection later (the runner's box row) must bring those settings, not only the fragment file's defaults, and
+    switching back restores the first one's; the stash never shows in the resolved config."""
+    import copy
+
+    import yaml
+
+    from smaf.config import derive, save_config
+
+    cfg = load_config("demo")
+    assert "box" not in cfg.a2gnn and cfg.a2gnn.image.epochs == 15
+    box = derive(cfg, a2gnn__preset="box")
+    assert box.a2gnn.box.epochs == 20 and box.a2gnn.box.lr == 0.035 and "image" not in box.a2gnn
+    assert derive(box, a2gnn__preset="image").a2gnn.image.epochs == 15
+    assert cfg.a2gnn.image.epochs == 15 and "box" not in cfg.a2gnn            # derive leaves its input alone
+    # a fragment no config file touched: the file's defaults (voc12: box 150 epochs)
+    assert derive(load_config("voc12"), a2gnn__preset="box").a2gnn.box.epochs == 150
+    # an override of the unselected fragment's keys on the command line travels the same way
+    own = load_config("demo", ["a2gnn.box.epochs=7"])
+    assert derive(copy.deepcopy(own), a2gnn__preset="box").a2gnn.box.epochs == 7
+    saved = yaml.safe_load(save_config(box, tmp_path).read_text())
+    assert saved == box.to_dict() and "_unselected_fragments" not in str(saved)

@@ -646,3 +646,51 @@ def test_cams_only_stops_each_path_after_stage1_and_times_each_path(tiny_voc, tm
     with pytest.raises(RuntimeError, match="stop after recording"):
         pipeline_module.main(["--config", "demo", "--cams-only", "--methods", "seam", f"work_dir={tmp_path / 'cli'}"])
     assert seen["cams_only"] is True and seen["methods"] == ["seam"]
+
+
+def test_the_a2gnn_refiner_trains_its_gated_affinity_net_once_and_adds_image_and_box_rows(tiny_voc, tmp_path,
+                                                                                          monkeypatch):
+    """--refiners a2gnn: one AffinityNet with A2GNN's objective on the fused train maps (its own folder), A2GNN
+    from each source's maps on both lists (preset image), and per list the box row (preset box, tight boxes of the
+    masks, with the config's own box schedule); the summary puts them in the refiners table."""
+    from pathlib import Path
+
+    from smaf.pipeline import A2GNN_SUFFIX, BOX_A2GNN, FUSED, _Clock, format_summary, refine_rows
+    from smaf.stages import a2gnn, train_aff
+
+    calls = []
+    monkeypatch.setattr(train_aff, "run", lambda c: calls.append(("aff", c)) or Path(tmp_path / "gated" / "final.pth"))
+    monkeypatch.setattr(a2gnn, "run", lambda c: calls.append(("a2gnn", c)) or
+                        {"miou": 5.0 if c.a2gnn.preset == "box" else 4.0, "out_dir": tmp_path / c.a2gnn.out_subdir})
+    cfg = tiny_cfg(tiny_voc, tmp_path)
+    default = "self-trained (denoise off)"
+    out = {"miou": {"train": {}, "val": {}}, "default_column": default,
+           "folders": {s: {FUSED: tmp_path / f"fused_{s}", default: tmp_path / f"st_{s}",
+                           default + " + CRF": tmp_path / f"st_{s}"} for s in ("train", "val")}}
+    lists = {"train": ("train.txt", "infer.txt"), "val": ("val.txt", "val.txt")}
+    refine_rows(cfg, _Clock(tmp_path / "timings.json", lambda _: None), out, lists, ["a2gnn"])
+    assert [n for n, _ in calls] == ["aff"] + ["a2gnn"] * 6
+    aff = calls[0][1].train_aff
+    assert aff.objective == "a2gnn" and aff.out_subdir == "train_aff_a2gnn"
+    assert aff.cam_dir == str(tmp_path / "fused_train" / "cam_npy") and aff.train_list == "train.txt"
+    steps = [c.a2gnn for _, c in calls[1:]]
+    assert {s.checkpoint for s in steps} == {str(tmp_path / "gated" / "final.pth")}
+    image = [s for s in steps if s.preset == "image"]
+    assert [s.cam_dir for s in image] == [str(tmp_path / f"{src}_{sp}" / "cam_npy")
+                                          for sp in ("train", "val") for src in ("fused", "st")]
+    assert [s.eval_list for s in image] == ["infer.txt", "infer.txt", "val.txt", "val.txt"]
+    boxes = [s for s in steps if s.preset == "box"]
+    assert [(s.box_dir, s.list, s.out_subdir) for s in boxes] == [("masks", "infer.txt", "a2gnn_box_train"),
+                                                                  ("masks", "val.txt", "a2gnn_box_val")]
+    assert boxes[0].box.epochs == 20                          # demo.yaml's box schedule, not the file's 150
+    for s in ("train", "val"):
+        assert out["miou"][s][default + A2GNN_SUFFIX] == 4.0 and out["miou"][s][FUSED + A2GNN_SUFFIX] == 4.0
+        assert out["miou"][s][BOX_A2GNN] == 5.0
+        assert out["folders"][s][BOX_A2GNN] == tmp_path / f"a2gnn_box_{s}"
+    out["miou"]["train"].update({FUSED: 1.0, default: 2.0, default + " + CRF": 3.0})
+    summary = {"paths": {"cam": out}, "timings_s": {}, "total_s": 0.0, "backbone": "b", "bg_method": "fixed",
+               "bg_threshold": 0.2}
+    text = format_summary(summary)
+    refiners = text.split("Refiners (same maps")[1]
+    assert f"{default} + CRF | {FUSED} + A2GNN | {default} + A2GNN | {BOX_A2GNN} |" in refiners
+    assert f"| mIoU (%) | {FUSED} | {default} | {default} + CRF |" in text.split("Refiners")[0]

@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .a2gnn import gated_crf_kernel, neighbour_stack, window_mask, window_offsets
 from .registry import register_architecture
 
 FEATURE_DIM = 448
@@ -123,6 +125,62 @@ def affinity_loss(aff: torch.Tensor, label: torch.Tensor, radius: int = PSA_RADI
     loss = bg_loss / 4 + fg_loss / 4 + neg_loss / 2
     logs = {"bg_pos": float(bg_loss.detach()), "fg_pos": float(fg_loss.detach()), "neg": float(neg_loss.detach()),
             "pairs_bg": float(bg_pos.sum()), "pairs_fg": float(fg_pos.sum()), "pairs_neg": float(neg.sum())}
+    return loss, logs
+
+
+def grid_colour(image: torch.Tensor, valid: torch.Tensor, stride: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The colour of each stride-``stride`` grid cell of ImageNet-normalised crops, for the gated-CRF kernel:
+    image (B, 3, H, W), valid (B, H, W) (1 on image pixels, 0 on padding), H and W multiples of ``stride`` ->
+    (rgb (B, 3, h, w) in [0, 1], the mean over the cell's image pixels; valid (B, h, w) bool, more than half of
+    the cell is image)."""
+    mean = torch.as_tensor(IMAGENET_MEAN, device=image.device).view(1, 3, 1, 1)
+    std = torch.as_tensor(IMAGENET_STD, device=image.device).view(1, 3, 1, 1)
+    v = valid.unsqueeze(1).float()
+    rgb = (image.float() * std + mean).clamp(0, 1) * v
+    cover = F.avg_pool2d(v, stride)
+    return F.avg_pool2d(rgb, stride) / cover.clamp(min=1e-6), cover[:, 0] > 0.5
+
+
+def window_affinity_loss(f: torch.Tensor, label: torch.Tensor, rgb: torch.Tensor, valid: torch.Tensor,
+                         radius: int = 3, gcrf_weight: float = 3.0, xy: float = 6.0, rgb_sigma: float = 0.1,
+                         stride: int = 8) -> tuple[torch.Tensor, dict]:
+    """A2GNN's affinity-CNN loss (related-methods.md §8, stage 2): the PSA loss (1/4 bg+, 1/4 fg+, 1/2 neg, as
+    :func:`affinity_loss`) over every pair of the square window |dy|, |dx| <= ``radius`` (both directions, not
+    PSA's half disc), plus ``gcrf_weight`` x the gated-CRF term sum_ij K_ij d_ij / (number of pairs), d_ij =
+    mean_c |f_i - f_j| (the L1 feature distance, -log a_ij) and K the kernel of
+    :func:`smaf.models.a2gnn.gated_crf_kernel` (xy in image pixels, colour in [0, 1]).
+
+    f (B, D, h, w) features; label (B, h, w) grid labels (0 / c+1 / 255); rgb (B, 3, h, w), valid (B, h, w) bool
+    from :func:`grid_colour`. Pairs touching padding or the grid's edge are left out. Returns (loss, {'bg_pos',
+    'fg_pos', 'neg', 'gcrf', 'pairs_*'})."""
+    if f.shape[-2:] != label.shape[-2:]:
+        raise ValueError(f"window_affinity_loss: features {tuple(f.shape[-2:])} do not fit labels "
+                         f"{tuple(label.shape[-2:])}: labels must be on the feature grid")
+    offsets = [o for o in window_offsets(radius) if o != (0, 0)]
+    pad = int(radius)
+    padded = F.pad(f, (pad, pad, pad, pad))
+    h, w = f.shape[-2:]
+    dist = torch.stack([(f - padded[..., pad + dy:pad + dy + h, pad + dx:pad + dx + w]).abs().mean(1)
+                        for dy, dx in offsets], 1)                                      # (B, O, h, w)
+    inside = window_mask(valid, offsets)
+    label = label.to(f.device)
+    src = label.unsqueeze(1)
+    dst = neighbour_stack(label, offsets, fill=IGNORE)
+    known = (src != IGNORE) & (dst != IGNORE) & inside
+    same = (src == dst) & known
+    bg_pos, fg_pos, neg = (same & (src == 0)).float(), (same & (src != 0)).float(), (known & (src != dst)).float()
+    aff = torch.exp(-dist)
+    log_pos, log_neg = torch.log(aff + EPS), torch.log(1.0 + EPS - aff)
+    bg_loss = -(bg_pos * log_pos).sum() / (bg_pos.sum() + EPS)
+    fg_loss = -(fg_pos * log_pos).sum() / (fg_pos.sum() + EPS)
+    neg_loss = -(neg * log_neg).sum() / (neg.sum() + EPS)
+    kernel, _ = gated_crf_kernel(rgb.float(), valid, radius, xy, rgb_sigma, stride)   # same offsets, same order
+    pairs = inside.float().sum()
+    gcrf = (kernel * dist).sum() / pairs.clamp(min=1)
+    loss = bg_loss / 4 + fg_loss / 4 + neg_loss / 2 + gcrf_weight * gcrf
+    logs = {"bg_pos": float(bg_loss.detach()), "fg_pos": float(fg_loss.detach()), "neg": float(neg_loss.detach()),
+            "gcrf": float(gcrf.detach()), "pairs_bg": float(bg_pos.sum()), "pairs_fg": float(fg_pos.sum()),
+            "pairs_neg": float(neg.sum())}
     return loss, logs
 
 

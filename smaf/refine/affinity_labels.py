@@ -164,7 +164,8 @@ class AffinityDataset(Dataset):
     (resize, flip, jitter, crop) and its affinity label (``label_dir/<id>.png``) under the same geometry, reduced
     to the stride-8 grid (:func:`majority_downsample`).
 
-    Items (for :func:`~smaf.data.voc.collate_train`): ``id``; ``image`` float32 (3, crop, crop); ``aff_label``
+    Items (for :func:`~smaf.data.voc.collate_train`): ``id``; ``image`` float32 (3, crop, crop); ``valid``
+    float32 (crop, crop) (1 on image pixels, 0 on padding: the gated-CRF term's mask); ``aff_label``
     int64 (crop/8, crop/8), 0 / c+1 / 255; ``labels`` float32 (C,); ``params``. Keys are an index or (index,
     seed), as for :class:`~smaf.data.voc.ClassificationDataset`.
     """
@@ -200,7 +201,7 @@ class AffinityDataset(Dataset):
                                f"{image.shape[:2]}: delete the label folder and re-run train_aff")
         out = self.transform(rng, image)
         grid = majority_downsample(crop_label(label, out["params"]), self.stride)
-        return {"id": image_id, "image": torch.from_numpy(out["image"]),
+        return {"id": image_id, "image": torch.from_numpy(out["image"]), "valid": torch.from_numpy(out["valid"]),
                 "aff_label": torch.from_numpy(grid.astype(np.int64)),
                 "labels": torch.from_numpy(self.layout.labels[image_id].copy()), "params": out["params"]}
 

@@ -4,9 +4,12 @@
    of CAM ``.npy`` dicts) for ``train_aff.train_list`` (:mod:`smaf.refine.affinity_labels`, rule
    ``train_aff.labels.*``: PSA's la/ha power background through the dense CRF, two constant scores, or the run's
    background rule +- a margin), in a CPU process pool, into ``<out>/aff_labels/<id>.png``.
-2. AffinityNet (:mod:`smaf.models.affinity`, backbone ``model.backbone`` with ``model.pretrained``) trained with
-   the PSA loss (bg+, fg+, neg pairs at radius ``train_aff.radius``) through the shared training loop
-   (:func:`smaf.engine.train_loop`: resumable checkpoints, AMP, DDP, ``train_aff.optimizer``).
+2. AffinityNet (:mod:`smaf.models.affinity`, backbone ``model.backbone`` with ``model.pretrained``) trained
+   through the shared training loop (:func:`smaf.engine.train_loop`: resumable checkpoints, AMP, DDP,
+   ``train_aff.optimizer``) with ``train_aff.objective``: ``psa``, the PSA loss (bg+, fg+, neg pairs at radius
+   ``train_aff.radius``); ``a2gnn``, A2GNN's affinity CNN (the PSA terms over the square window
+   ``train_aff.a2gnn.window_radius`` + ``gcrf_weight`` x a gated-CRF term on the image colours,
+   :func:`smaf.models.affinity.window_affinity_loss`; the network the A2GNN stage is meant to read).
 
 Outputs in ``<work_dir>/<train_aff.out_subdir>/``: ``aff_labels/``, ``final.pth`` (what the random walk loads),
 ``checkpoints/``, ``log.txt``, ``metrics.jsonl`` (loss terms and pair counts), ``config.yaml``.
@@ -17,19 +20,23 @@ from .. import dist
 from ..cam.background import BackgroundRule
 from ..data.transforms import JointTrainTransform
 from ..engine import train_loop
-from ..models.affinity import affinity_loss, pair_affinities, source_crop
+from ..config import ConfigError
+from ..models.affinity import affinity_loss, grid_colour, pair_affinities, source_crop, window_affinity_loss
 from ..models.registry import build_from_spec
 from ..optim import build_optimizer
 from ..refine.affinity_labels import AffinityDataset, AffinityLabelParams, AffinityLabelRefiner, label_statistics
 from ..refine.pool import cam_folder_ids, refine_folder
 from ..run_layout import AFF_LABELS, RunLayout
-from ..runtime import StageError, available_cores, pick, prepare_output, set_seed, stage_main
+from ..runtime import StageError, available_cores, check_positive, pick, prepare_output, set_seed, stage_main
 
 STRIDE = 8
+OBJECTIVES = ("psa", "a2gnn")
 
 
-def make_affinity_step(radius: int, device):
-    """``step(model, batch, iteration) -> (loss, logs)`` of the PSA affinity loss, for the training loop."""
+def make_affinity_step(radius: int, device, objective: str = "psa", a2gnn=None):
+    """``step(model, batch, iteration) -> (loss, logs)`` for the training loop: the PSA affinity loss at
+    ``radius`` (objective ``psa``), or A2GNN's window + gated-CRF loss with the ``a2gnn`` options (a mapping of
+    window_radius, gcrf_weight, gcrf_xy, gcrf_rgb; objective ``a2gnn``)."""
 
     def step(model, batch, iteration):
         images = batch["image"].to(device, non_blocking=True)
@@ -38,6 +45,11 @@ def make_affinity_step(radius: int, device):
         if f.shape[-2:] != label.shape[-2:]:
             raise StageError(f"AffinityNet features {tuple(f.shape[-2:])} do not match the label grid "
                              f"{tuple(label.shape[-2:])}: the backbone must give stride-8 features")
+        if objective == "a2gnn":
+            rgb, valid = grid_colour(images, batch["valid"].to(device, non_blocking=True), STRIDE)
+            return window_affinity_loss(f.float(), label, rgb, valid, int(a2gnn["window_radius"]),
+                                        float(a2gnn["gcrf_weight"]), float(a2gnn["gcrf_xy"]),
+                                        float(a2gnn["gcrf_rgb"]), STRIDE)
         return affinity_loss(pair_affinities(f.float(), radius), label, radius)
 
     return step
@@ -51,10 +63,22 @@ def run(cfg):
     label_params = AffinityLabelParams.from_config(sect.labels)   # bad values fail before any output
     bg_rule = BackgroundRule.from_section(cfg.inference, "inference")
     crop, radius = int(sect.crop), int(sect.radius)
+    objective = str(sect.objective)
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"train_aff.objective='{objective}': expected one of {', '.join(OBJECTIVES)}")
+    if objective == "a2gnn":
+        opts = sect.a2gnn
+        check_positive(opts, "train_aff.a2gnn", ("window_radius",))
+        for key, low in (("gcrf_weight", 0.0), ("gcrf_xy", 1e-9), ("gcrf_rgb", 1e-9)):
+            value = opts.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
+                raise ConfigError(f"train_aff.a2gnn.{key}={value!r}: expected a number "
+                                  f"{'>= 0 (0 turns the gated-CRF term off)' if low == 0 else '> 0'}")
     if crop % STRIDE:
         raise StageError(f"train_aff.crop={crop}: must be a multiple of {STRIDE} (PSA: 448)")
-    try:
-        source_crop(crop // STRIDE, crop // STRIDE, radius)
+    try:   # the PSA pairs need a grid of at least r x (2r - 1) (the A2GNN window pads the grid instead)
+        if objective == "psa":
+            source_crop(crop // STRIDE, crop // STRIDE, radius)
     except ValueError as err:
         raise StageError(f"train_aff.crop={crop} / train_aff.radius={radius}: {err}") from None
     out_dir, logger, device, layout = prepare_output(cfg, "train_aff")
@@ -78,14 +102,19 @@ def run(cfg):
     spec = {"arch": "affinity_net", "args": {"backbone": cfg.model.backbone,
                                              "output_stride": int(cfg.model.output_stride)}}
     model = build_from_spec(spec, pretrained=str(cfg.model.pretrained or "")).to(device)
-    logger.info("AffinityNet on %s (output stride %d, features at stride 8), radius %d, crop %d", cfg.model.backbone,
-                cfg.model.output_stride, radius, crop)
-    return train_loop(cfg, sect, out_dir, logger, device, model, dataset, make_affinity_step(radius, device),
+    logger.info("AffinityNet on %s (output stride %d, features at stride 8), crop %d, %s", cfg.model.backbone,
+                cfg.model.output_stride, crop,
+                f"PSA loss at radius {radius}" if objective == "psa" else
+                f"A2GNN loss: window radius {sect.a2gnn.window_radius} + {sect.a2gnn.gcrf_weight} x gated CRF "
+                f"(xy {sect.a2gnn.gcrf_xy}, rgb {sect.a2gnn.gcrf_rgb})")
+    step = make_affinity_step(radius, device, objective, sect.get("a2gnn"))
+    return train_loop(cfg, sect, out_dir, logger, device, model, dataset, step,
                       lambda total: build_optimizer(sect, model.param_groups(), total, "train_aff"))
 
 
 def main(argv=None):
-    stage_main(run, "AffinityNet (PSA): affinity labels from a CAM folder, then training with the PSA loss.", argv)
+    stage_main(run, "AffinityNet (PSA): affinity labels from a CAM folder, then training with the PSA loss "
+                    "(or A2GNN's window + gated-CRF loss: train_aff.objective=a2gnn).", argv)
 
 
 if __name__ == "__main__":
