@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from tqdm import tqdm
 
 from .. import dist
 from ..cam.report import score_png_folder
@@ -132,6 +133,8 @@ def run(cfg) -> dict:
     todo = [i for i in ids if not (png_dir / f"{i}.png").is_file()]
     overlay_ids = set(ids[:int(sect.overlays)])
     png_dir.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(todo), desc="a2gnn", unit="img", dynamic_ncols=True, disable=not dist.is_main())
+    log_every = max(1, len(todo) // 10)   # the log gets about ten lines; the bar shows every image
     for first in range(0, len(todo), per_step):
         chunk = todo[first:first + per_step]
         items = []
@@ -153,8 +156,14 @@ def run(cfg) -> dict:
                 save_panel(out_dir / OVERLAYS / f"{item['id']}_a2gnn.jpg",
                            [item["image"], overlay(item["image"], label=item["seeds"]),
                             overlay(item["image"], label=label)], ["image", "seeds", "mask + A2GNN"])
-        logger.info("%d/%d: loss A %.3f -> %.3f, B %.3f -> %.3f%s", first + len(chunk), len(todo), *logs["loss_a"],
-                    *logs["loss_b"], f", {logs['dropped_seeds']} seeds dropped by the consistency check" if box else "")
+        bar.update(len(chunk))
+        bar.set_postfix(loss_b=f"{logs['loss_b'][1]:.3f}")
+        done = first + len(chunk)
+        if done % log_every < len(chunk) or done == len(todo):
+            logger.info("%d/%d: loss A %.3f -> %.3f, B %.3f -> %.3f%s", done, len(todo), *logs["loss_a"],
+                        *logs["loss_b"], f", {logs['dropped_seeds']} seeds dropped by the consistency check"
+                        if box else "")
+    bar.close()
     seconds = time.perf_counter() - start
     if todo:
         logger.info("A2GNN refined %d images in %.1f s (%.2f s per image, seeds included)", len(todo), seconds,
