@@ -28,6 +28,22 @@ def tiny_cfg(root, work_dir, *extra):
         "fusion.overlays=2", "pseudo_masks.overlays=2", "crf.overlays=2", "crf.workers=2", *extra])
 
 
+def _run_pipeline_kwargs(monkeypatch, argv) -> dict:
+    """The keyword arguments ``python -m smaf.pipeline <argv>`` passes to run_pipeline (faked: no stage runs)."""
+    import smaf.pipeline as pipeline_module
+
+    seen = {}
+
+    def fake_run_pipeline(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop after recording")
+
+    monkeypatch.setattr(pipeline_module, "run_pipeline", fake_run_pipeline)
+    with pytest.raises(RuntimeError, match="stop after recording"):
+        pipeline_module.main(argv)
+    return seen
+
+
 def _weights(path):
     return read_checkpoint(path)["model"]
 
@@ -430,7 +446,6 @@ def test_pipeline_runner_adds_stage4_and_its_fully_supervised_twin_once(tiny_voc
 
     import yaml
 
-    import smaf.pipeline as pipeline_module
     from smaf.pipeline import _Clock, format_summary, run_pipeline, segmentation_step
 
     cfg = tiny_cfg(tiny_voc, tmp_path, "train_cls.iterations=2", "train_fusion.iterations=2",
@@ -481,16 +496,8 @@ def test_pipeline_runner_adds_stage4_and_its_fully_supervised_twin_once(tiny_voc
     log = (tmp_path / "infer_seg_gt" / "log.txt").read_text()
     assert f"{len(val_ids)} of {len(val_ids)} images already done" in log
     # the command-line flag reaches run_pipeline
-    seen = {}
-
-    def fake_run_pipeline(*args, **kwargs):
-        seen.update(kwargs)
-        raise RuntimeError("stop after recording")
-
-    monkeypatch.setattr(pipeline_module, "run_pipeline", fake_run_pipeline)
-    with pytest.raises(RuntimeError, match="stop after recording"):
-        pipeline_module.main(["--config", "demo", "--segmentation", f"work_dir={tmp_path / 'cli'}"])
-    assert seen["segmentation"] is True
+    assert _run_pipeline_kwargs(monkeypatch, ["--config", "demo", "--segmentation",
+                                              f"work_dir={tmp_path / 'cli'}"])["segmentation"] is True
 
 
 def test_reused_outputs_made_under_another_config_are_flagged(tiny_voc, tmp_path):
@@ -598,7 +605,6 @@ def test_cams_only_stops_each_path_after_stage1_and_times_each_path(tiny_voc, tm
     SC-CAM's round 0 (a plain cam classifier of the same settings) is the cam path's network, not trained again."""
     import yaml
 
-    import smaf.pipeline as pipeline_module
     from smaf.config import derive
     from smaf.pipeline import FUSED, SINGLE, format_summary, run_pipeline, share_sc_cam_round0
 
@@ -636,15 +642,8 @@ def test_cams_only_stops_each_path_after_stage1_and_times_each_path(tiny_voc, tm
     own_start = derive(sc, train_cls__sc_cam__initial_checkpoint="mine.pth")
     assert share_sc_cam_round0(own_start, cam, log=lambda _: None).train_cls.sc_cam.initial_checkpoint == "mine.pth"
     # the command-line flag reaches run_pipeline
-    seen = {}
-
-    def fake_run_pipeline(*args, **kwargs):
-        seen.update(kwargs)
-        raise RuntimeError("stop after recording")
-
-    monkeypatch.setattr(pipeline_module, "run_pipeline", fake_run_pipeline)
-    with pytest.raises(RuntimeError, match="stop after recording"):
-        pipeline_module.main(["--config", "demo", "--cams-only", "--methods", "seam", f"work_dir={tmp_path / 'cli'}"])
+    seen = _run_pipeline_kwargs(monkeypatch, ["--config", "demo", "--cams-only", "--methods", "seam",
+                                              f"work_dir={tmp_path / 'cli'}"])
     assert seen["cams_only"] is True and seen["methods"] == ["seam"]
 
 

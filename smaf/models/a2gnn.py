@@ -69,13 +69,20 @@ def window_mask(valid: torch.Tensor, offsets) -> torch.Tensor:
     return nb & valid.unsqueeze(1)
 
 
-def window_affinities(f: torch.Tensor, offsets) -> torch.Tensor:
-    """AffinityNet affinities of every window edge: f (G, D, h, w) -> (G, O, h, w), exp(-mean_c |f_i - f_j|)
-    (1 at offset (0, 0); values outside the grid are meaningless, masked by :func:`window_mask`)."""
+def window_distances(f: torch.Tensor, offsets) -> torch.Tensor:
+    """L1 feature distance of every window edge: f (G, D, h, w) -> (G, O, h, w), mean_c |f_i - f_j| (0 at offset
+    (0, 0); values outside the grid are meaningless, masked by :func:`window_mask`). One offset at a time: a
+    stack of every shifted copy would hold O x D maps."""
     pad = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
     size = f.shape[-2:]
     padded = F.pad(f, (pad, pad, pad, pad))
-    return torch.stack([torch.exp(-(f - shifted(padded, pad, dy, dx, size)).abs().mean(1)) for dy, dx in offsets], 1)
+    return torch.stack([(f - shifted(padded, pad, dy, dx, size)).abs().mean(1) for dy, dx in offsets], 1)
+
+
+def window_affinities(f: torch.Tensor, offsets) -> torch.Tensor:
+    """AffinityNet affinities of every window edge: f (G, D, h, w) -> (G, O, h, w), exp(-mean_c |f_i - f_j|)
+    (:func:`window_distances`; 1 at offset (0, 0))."""
+    return torch.exp(-window_distances(f, offsets))
 
 
 class AffinityAttention(nn.Module):

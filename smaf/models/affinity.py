@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from .a2gnn import gated_crf_kernel, neighbour_stack, window_mask, window_offsets
+from .a2gnn import gated_crf_kernel, neighbour_stack, window_distances, window_mask, window_offsets
 from .registry import register_architecture
 
 FEATURE_DIM = 448
@@ -99,14 +99,30 @@ def pair_labels(label: torch.Tensor, radius: int = PSA_RADIUS) -> tuple[torch.Te
     ``(bg_pos, fg_pos, neg)`` of shape (B, P, hs, ws): both background; both the same foreground class; two
     different known labels."""
     src, dst = _targets(label, radius)
-    src = src.unsqueeze(1)
-    dst = torch.stack(dst, 1)
+    return _pair_sets(src.unsqueeze(1), torch.stack(dst, 1))
+
+
+def _pair_sets(src: torch.Tensor, dst: torch.Tensor, allowed: torch.Tensor | None = None):
+    """(bg_pos, fg_pos, neg) float masks of pairs with source labels ``src`` (B, 1, ...) and target labels ``dst``
+    (B, P, ...), pairs touching 255 (or outside ``allowed``, a bool mask of dst's shape) left out."""
     known = (src != IGNORE) & (dst != IGNORE)
+    if allowed is not None:
+        known = known & allowed
     same = (src == dst) & known
-    bg_pos = same & (src == 0)
-    fg_pos = same & (src != 0)
-    neg = known & (src != dst)
-    return bg_pos.float(), fg_pos.float(), neg.float()
+    return (same & (src == 0)).float(), (same & (src != 0)).float(), (known & (src != dst)).float()
+
+
+def _psa_terms(aff: torch.Tensor, bg_pos: torch.Tensor, fg_pos: torch.Tensor, neg: torch.Tensor):
+    """PSA's loss 1/4 L_bg+ + 1/4 L_fg+ + 1/2 L- of pair affinities under the three pair masks (module
+    docstring). Returns (loss, {'bg_pos', 'fg_pos', 'neg', 'pairs_bg', 'pairs_fg', 'pairs_neg'})."""
+    log_pos = torch.log(aff + EPS)
+    log_neg = torch.log(1.0 + EPS - aff)
+    bg_loss = -(bg_pos * log_pos).sum() / (bg_pos.sum() + EPS)
+    fg_loss = -(fg_pos * log_pos).sum() / (fg_pos.sum() + EPS)
+    neg_loss = -(neg * log_neg).sum() / (neg.sum() + EPS)
+    logs = {"bg_pos": float(bg_loss.detach()), "fg_pos": float(fg_loss.detach()), "neg": float(neg_loss.detach()),
+            "pairs_bg": float(bg_pos.sum()), "pairs_fg": float(fg_pos.sum()), "pairs_neg": float(neg.sum())}
+    return bg_loss / 4 + fg_loss / 4 + neg_loss / 2, logs
 
 
 def affinity_loss(aff: torch.Tensor, label: torch.Tensor, radius: int = PSA_RADIUS) -> tuple[torch.Tensor, dict]:
@@ -117,15 +133,7 @@ def affinity_loss(aff: torch.Tensor, label: torch.Tensor, radius: int = PSA_RADI
     if bg_pos.shape != aff.shape:
         raise ValueError(f"affinity_loss: affinities {tuple(aff.shape)} do not fit labels {tuple(label.shape)} "
                          f"(pairs {tuple(bg_pos.shape)}): labels must be on the feature grid")
-    log_pos = torch.log(aff + EPS)
-    log_neg = torch.log(1.0 + EPS - aff)
-    bg_loss = -(bg_pos * log_pos).sum() / (bg_pos.sum() + EPS)
-    fg_loss = -(fg_pos * log_pos).sum() / (fg_pos.sum() + EPS)
-    neg_loss = -(neg * log_neg).sum() / (neg.sum() + EPS)
-    loss = bg_loss / 4 + fg_loss / 4 + neg_loss / 2
-    logs = {"bg_pos": float(bg_loss.detach()), "fg_pos": float(fg_loss.detach()), "neg": float(neg_loss.detach()),
-            "pairs_bg": float(bg_pos.sum()), "pairs_fg": float(fg_pos.sum()), "pairs_neg": float(neg.sum())}
-    return loss, logs
+    return _psa_terms(aff, bg_pos, fg_pos, neg)
 
 
 def grid_colour(image: torch.Tensor, valid: torch.Tensor, stride: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,31 +165,15 @@ def window_affinity_loss(f: torch.Tensor, label: torch.Tensor, rgb: torch.Tensor
         raise ValueError(f"window_affinity_loss: features {tuple(f.shape[-2:])} do not fit labels "
                          f"{tuple(label.shape[-2:])}: labels must be on the feature grid")
     offsets = [o for o in window_offsets(radius) if o != (0, 0)]
-    pad = int(radius)
-    padded = F.pad(f, (pad, pad, pad, pad))
-    h, w = f.shape[-2:]
-    dist = torch.stack([(f - padded[..., pad + dy:pad + dy + h, pad + dx:pad + dx + w]).abs().mean(1)
-                        for dy, dx in offsets], 1)                                      # (B, O, h, w)
+    dist = window_distances(f, offsets)                                               # (B, O, h, w)
     inside = window_mask(valid, offsets)
     label = label.to(f.device)
-    src = label.unsqueeze(1)
-    dst = neighbour_stack(label, offsets, fill=IGNORE)
-    known = (src != IGNORE) & (dst != IGNORE) & inside
-    same = (src == dst) & known
-    bg_pos, fg_pos, neg = (same & (src == 0)).float(), (same & (src != 0)).float(), (known & (src != dst)).float()
-    aff = torch.exp(-dist)
-    log_pos, log_neg = torch.log(aff + EPS), torch.log(1.0 + EPS - aff)
-    bg_loss = -(bg_pos * log_pos).sum() / (bg_pos.sum() + EPS)
-    fg_loss = -(fg_pos * log_pos).sum() / (fg_pos.sum() + EPS)
-    neg_loss = -(neg * log_neg).sum() / (neg.sum() + EPS)
+    loss, logs = _psa_terms(torch.exp(-dist), *_pair_sets(label.unsqueeze(1), neighbour_stack(label, offsets, IGNORE),
+                                                          inside))
     kernel, _ = gated_crf_kernel(rgb.float(), valid, radius, xy, rgb_sigma, stride)   # same offsets, same order
-    pairs = inside.float().sum()
-    gcrf = (kernel * dist).sum() / pairs.clamp(min=1)
-    loss = bg_loss / 4 + fg_loss / 4 + neg_loss / 2 + gcrf_weight * gcrf
-    logs = {"bg_pos": float(bg_loss.detach()), "fg_pos": float(fg_loss.detach()), "neg": float(neg_loss.detach()),
-            "gcrf": float(gcrf.detach()), "pairs_bg": float(bg_pos.sum()), "pairs_fg": float(fg_pos.sum()),
-            "pairs_neg": float(neg.sum())}
-    return loss, logs
+    gcrf = (kernel * dist).sum() / inside.float().sum().clamp(min=1)
+    logs["gcrf"] = float(gcrf.detach())
+    return loss + gcrf_weight * gcrf, logs
 
 
 class AffinityNet(nn.Module):

@@ -38,6 +38,10 @@ def make_affinity_step(radius: int, device, objective: str = "psa", a2gnn=None):
     ``radius`` (objective ``psa``), or A2GNN's window + gated-CRF loss with the ``a2gnn`` options (a mapping of
     window_radius, gcrf_weight, gcrf_xy, gcrf_rgb; objective ``a2gnn``)."""
 
+    if objective == "a2gnn":   # (radius, gcrf_weight, xy, rgb_sigma) of window_affinity_loss, read once
+        window = (int(a2gnn["window_radius"]), float(a2gnn["gcrf_weight"]), float(a2gnn["gcrf_xy"]),
+                  float(a2gnn["gcrf_rgb"]))
+
     def step(model, batch, iteration):
         images = batch["image"].to(device, non_blocking=True)
         label = batch["aff_label"].to(device, non_blocking=True)
@@ -47,9 +51,7 @@ def make_affinity_step(radius: int, device, objective: str = "psa", a2gnn=None):
                              f"{tuple(label.shape[-2:])}: the backbone must give stride-8 features")
         if objective == "a2gnn":
             rgb, valid = grid_colour(images, batch["valid"].to(device, non_blocking=True), STRIDE)
-            return window_affinity_loss(f.float(), label, rgb, valid, int(a2gnn["window_radius"]),
-                                        float(a2gnn["gcrf_weight"]), float(a2gnn["gcrf_xy"]),
-                                        float(a2gnn["gcrf_rgb"]), STRIDE)
+            return window_affinity_loss(f.float(), label, rgb, valid, *window, STRIDE)
         return affinity_loss(pair_affinities(f.float(), radius), label, radius)
 
     return step
