@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from smaf.models.a2gnn import (AffinityAttention, GraphInput, TrainParams, collate_graphs, consistency_check,
-                               gated_crf_kernel, gated_crf_loss, mil_loss, seed_loss, train_graphs, window_mask,
-                               window_offsets)
+                               gated_crf_kernel, gated_crf_loss, mil_loss, neighbour_stack, seed_loss, train_graphs,
+                               window_aggregate, window_dots, window_mask, window_offsets)
 
 
 def _dense_attention(x, f, valid, beta, radius, weight=10.0):
@@ -86,6 +86,36 @@ def _toy_graphs(count=2, size=(6, 8)):
         seeds[0, w - 1] = seeds[h - 1, w - 2] = 0
         out.append((GraphInput(feats, feats.clone(), seeds, torch.full((3, h, w), 0.5), [0, 1], stride=1), truth))
     return out
+
+
+def test_window_dots_and_aggregate_and_their_gradients_match_the_stacked_shifts():
+    """The per-offset window operations (and their hand-written backward passes) against autograd through a
+    stack of every shifted copy, on a non-square grid with an asymmetric window."""
+    torch.manual_seed(0)
+    offsets = [(-2, 1), (0, 0), (1, -1), (0, 2), (2, 2)]
+    a = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    p = torch.randn(2, len(offsets), 4, 5, dtype=torch.float64, requires_grad=True)
+    ref_dots = (a.unsqueeze(1) * neighbour_stack(b, offsets)).sum(2)
+    ref_agg = (p.unsqueeze(2) * neighbour_stack(b, offsets)).sum(1)
+    assert torch.allclose(window_dots(a, b, offsets), ref_dots)
+    assert torch.allclose(window_aggregate(p, b, offsets), ref_agg)
+    # a hand check of one entry: node (1, 1) and offset (2, 2) -> node (3, 3); offset (-2, 1) leaves the grid
+    assert torch.isclose(window_dots(a, b, offsets)[0, 4, 1, 1], (a[0, :, 1, 1] * b[0, :, 3, 3]).sum())
+    assert float(window_dots(a, b, offsets)[0, 0, 1, 1].detach()) == 0.0
+    weights_out = torch.randn_like(ref_dots)
+    weights_agg = torch.randn_like(ref_agg)
+    for ours, ref, w in ((window_dots(a, b, offsets), ref_dots, weights_out),
+                         (window_aggregate(p, b, offsets), ref_agg, weights_agg)):
+        inputs = (a, b, p)
+        got = torch.autograd.grad((ours * w).sum(), inputs, allow_unused=True, retain_graph=True)
+        want = torch.autograd.grad((ref * w).sum(), inputs, allow_unused=True, retain_graph=True)
+        for g_got, g_want in zip(got, want):
+            assert (g_got is None) == (g_want is None)
+            if g_got is not None:
+                assert torch.allclose(g_got, g_want)
+    assert torch.autograd.gradcheck(lambda x, y: window_dots(x, y, offsets), (a, b))
+    assert torch.autograd.gradcheck(lambda q, y: window_aggregate(q, y, offsets), (p, b))
 
 
 def test_per_image_training_lowers_its_loss_and_fits_a_separable_toy_graph():
@@ -216,3 +246,15 @@ def test_the_a2gnn_stage_runs_on_a_cam_folder_and_writes_its_config(tiny_voc, tm
     assert bad.returncode == 2 and last.startswith("error:") and "train_aff" in last
     with pytest.raises(ConfigError, match="box_dir"):
         run(load_config("demo", common + ["a2gnn.preset=box"]))
+
+
+def test_the_a2gnn_benchmark_times_an_epoch_and_both_forms_of_the_window_operations():
+    from smaf.bench.refine import bench_a2gnn, format_a2gnn
+
+    out = bench_a2gnn(grid=(6, 8), device="cpu", repeats=2, epochs=1)
+    assert out["grid"] == [6, 8] and len(out["epoch"]["times_s"]) == 2
+    assert out["layer_windowed"]["seconds_per_image"] > 0 and out["layer_stacked"]["seconds_per_image"] > 0
+    assert out["layer_speedup"] == pytest.approx(out["layer_stacked"]["seconds_per_image"]
+                                                 / out["layer_windowed"]["seconds_per_image"])
+    assert out["image_s_at_spec"] == pytest.approx(100 * out["epoch"]["seconds_per_image"])
+    assert "6 x 8 nodes" in format_a2gnn(out)

@@ -29,7 +29,9 @@ d. training steps: stage 0 (the ``eps`` method's step, :mod:`smaf.methods.eps`) 
 e. the affinity refiners (:mod:`.refine`): PAR over a CAM dict, and the AffinityNet random walk split into the
    network's forward pass and the walk itself, per VOC-sized (375 x 500) image with two classes (synthetic
    textured images and smooth CAMs: the cost depends on the size and class count, not on the content),
-   against the walk's target (< 2 s on a CPU, < 50 ms on a GPU; network excluded).
+   against the walk's target (< 2 s on a CPU, < 50 ms on a GPU; network excluded); and A2GNN's per-image
+   training (one VOC-sized random graph): seconds per epoch, and one attention layer's window operations as
+   computed against the stack of shifted copies they replaced (:func:`.refine.bench_a2gnn`).
 
 Section a also times our path under bf16 autocast (fp16 on CUDA without bf16) where the device has fast
 kernels, against the fp32 baseline with the AMP tolerance 2e-2 (``--no-amp`` skips it).

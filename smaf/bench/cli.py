@@ -16,14 +16,15 @@ from .common import BACKBONES, SCALES, SECTIONS, WARMUP_ID, _pick_ids, load_aver
 from .crf import bench_crf
 from .evaluation import bench_eval_section
 from .fusion import bench_fusion
-from .refine import bench_refiners
+from .refine import bench_a2gnn, bench_refiners
 from .refine import synthetic_inputs as synthetic_refiner_inputs
 from .report import collect_targets, environment, format_report
 from .training import bench_training
 
 
 _DESCRIPTION = ("Throughput benchmark of the pipeline's hot paths: a fused maps (ours vs a per-image baseline), b CRF "
-                "(1 worker vs a pool), c evaluation, d training steps, e the affinity refiners (PAR, random walk) "
+                "(1 worker vs a pool), c evaluation, d training steps, e the affinity refiners (PAR, random walk, "
+                "A2GNN's training) "
                 "on VOC-sized images (see smaf/bench/__init__.py).")
 
 
@@ -176,6 +177,8 @@ def run(args) -> dict:
             print(f"[e] refiners: {args.refine_images} VOC-sized images ...", file=sys.stderr, flush=True)
             images, cams = synthetic_refiner_inputs(num_images=args.refine_images)
             report["refiners"] = bench_refiners(images, cams, device=device, repeats=args.repeats)
+            print("[e] A2GNN: one VOC-sized graph ...", file=sys.stderr, flush=True)
+            report["a2gnn"] = bench_a2gnn(device=device, repeats=args.repeats)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     for r in report.get("fusion", []):

@@ -171,6 +171,78 @@ def format_refiners(result: dict) -> str:
         if result["rw_target_s"] else ""]).rstrip()
 
 
+#: A2GNN's graph of one VOC-sized image: the stride-8 grid of 375 x 500 (ceil) and EfficientNet-Lite0's node features.
+A2GNN_GRID = (47, 63)
+A2GNN_FEATURES = 1432
+
+
+def bench_a2gnn(grid=A2GNN_GRID, device="auto", repeats: int = 3, epochs: int = 2, classes: int = 2) -> dict:
+    """Speed of A2GNN's per-image training (:func:`smaf.models.a2gnn.train_graphs`) on one random graph of
+    ``grid`` nodes (random features, seeds on half the pixels, ``classes`` foreground classes), image preset
+    (window radius 3, hidden 256, 3 layers).
+
+    Returns ``{'device', 'grid', 'epoch': {...}: seconds per training epoch (median over ``repeats`` runs of
+    ``epochs`` epochs per phase, set-up and the final pass included, divided by 2 x epochs),
+    'layer_windowed' / 'layer_stacked': forward + backward of one attention layer's window operations (cosines
+    and aggregation over the 49 offsets at 256 channels) as :func:`~smaf.models.a2gnn.window_dots` /
+    :func:`~smaf.models.a2gnn.window_aggregate` compute them and as a stack of every shifted copy
+    (:func:`~smaf.models.a2gnn.neighbour_stack`, what the layer did before), 'layer_speedup': their ratio,
+    'image_s_at_spec': the epoch time x 100 (the spec's 50 + 50 epochs of the image preset)}``."""
+    from ..models.a2gnn import (GraphInput, TrainParams, collate_graphs, neighbour_stack, train_graphs,
+                                window_aggregate, window_dots, window_offsets)
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    h, w = grid
+    gen = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
+    seeds = np.where(rng.random((h * 8, w * 8)) < 0.5, rng.integers(0, classes + 1, (h * 8, w * 8)), 255)
+    graph = GraphInput(torch.rand(A2GNN_FEATURES, h, w, generator=gen), torch.rand(448, h, w, generator=gen),
+                       seeds.astype(np.uint8), torch.rand(3, h, w, generator=gen), list(range(classes + 1)))
+    batch = collate_graphs([graph], 3, 21, device)
+    params = TrainParams(epochs=epochs)
+
+    def train(_):
+        train_graphs(batch, params)
+
+    epoch_times = [t / (2 * epochs) for t in _per_image_times(train, [None], repeats, device)]
+    offsets = window_offsets(3)
+    x = torch.rand(1, 256, h, w, device=device, requires_grad=True)
+    p = torch.rand(1, len(offsets), h, w, device=device, requires_grad=True)
+
+    def windowed(_):
+        (window_dots(x, x, offsets).sum() + window_aggregate(p, x, offsets).sum()).backward()
+
+    def stacked(_):
+        nb = neighbour_stack(x, offsets)
+        ((x.unsqueeze(1) * nb).sum(2).sum() + (p.unsqueeze(2) * nb).sum(1).sum()).backward()
+
+    layer_times = {"windowed": [], "stacked": []}
+    for r in range(max(1, int(repeats))):          # rotate the order, so that a change of load hits both
+        for name in (("windowed", "stacked") if r % 2 == 0 else ("stacked", "windowed")):
+            layer_times[name] += _per_image_times(windowed if name == "windowed" else stacked, [None], 1, device)
+    epoch = _summary(epoch_times)
+    windowed_s = float(statistics.median(layer_times["windowed"]))
+    stacked_s = float(statistics.median(layer_times["stacked"]))
+    return {"device": str(device), "grid": [h, w], "torch_threads": torch.get_num_threads(), "epoch": epoch,
+            "layer_windowed": _summary(layer_times["windowed"]), "layer_stacked": _summary(layer_times["stacked"]),
+            "layer_speedup": stacked_s / windowed_s if windowed_s > 0 else None,
+            "image_s_at_spec": 100 * epoch["seconds_per_image"]}
+
+
+def format_a2gnn(result: dict) -> str:
+    """A few lines for the benchmark's text report."""
+    h, w = result["grid"]
+    return "\n".join([
+        f"A2GNN on {result['device']} ({result['torch_threads']} threads), one graph of {h} x {w} nodes",
+        f"  training epoch (seed + gated-CRF losses)   {1000 * result['epoch']['seconds_per_image']:8.1f} ms"
+        f"  (x 100 epochs, the spec's image preset: {result['image_s_at_spec']:.1f} s per image)",
+        f"  window ops of one layer, fwd + bwd: windowed {1000 * result['layer_windowed']['seconds_per_image']:.1f} ms,"
+        f" stacked shifts {1000 * result['layer_stacked']['seconds_per_image']:.1f} ms"
+        f" (x{result['layer_speedup']:.1f})"])
+
+
 if __name__ == "__main__":   # python -m smaf.bench.refine: VOC-sized synthetic inputs on the default device
     import json
 

@@ -89,6 +89,10 @@ def format_report(report: dict) -> str:
 
         lines += ["", "e. affinity " + format_refiners(report["refiners"]),
                   "   (synthetic textured images with smooth CAMs: the cost depends on size and class count only)"]
+    if "a2gnn" in report:
+        from .refine import format_a2gnn
+
+        lines += ["", "e. " + format_a2gnn(report["a2gnn"])]
     if "targets" in report:
         lines += ["", "targets:"]
         for t in report["targets"]:

@@ -63,6 +63,98 @@ def neighbour_stack(x: torch.Tensor, offsets, fill: float = 0.0) -> torch.Tensor
     return torch.stack([shifted(padded, pad, dy, dx, size) for dy, dx in offsets], 1)
 
 
+# The window operations below work channels-last, (G, h, w, K): the reduction over K then runs over contiguous
+# memory, about twice as fast on a CPU as over the strided channel dim of (G, K, h, w).
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+def _channels_first(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 3, 1, 2).contiguous()
+
+
+def _padded_cl(x_cl: torch.Tensor, offsets) -> tuple[torch.Tensor, int]:
+    pad = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+    return F.pad(x_cl, (0, 0, pad, pad, pad, pad)), pad
+
+
+def _shifted_cl(padded_cl: torch.Tensor, pad: int, dy: int, dx: int, size) -> torch.Tensor:
+    h, w = size
+    return padded_cl[:, pad + dy:pad + dy + h, pad + dx:pad + dx + w]
+
+
+def _dots(a: torch.Tensor, b: torch.Tensor, offsets) -> torch.Tensor:
+    a_cl = _channels_last(a)
+    padded, pad = _padded_cl(_channels_last(b), offsets)
+    size = b.shape[-2:]
+    return torch.stack([(a_cl * _shifted_cl(padded, pad, dy, dx, size)).sum(-1) for dy, dx in offsets], 1)
+
+
+def _aggregate(p: torch.Tensor, x: torch.Tensor, offsets) -> torch.Tensor:
+    padded, pad = _padded_cl(_channels_last(x), offsets)
+    size = x.shape[-2:]
+    out = torch.zeros_like(padded[:, :size[0], :size[1]])
+    for o, (dy, dx) in enumerate(offsets):
+        out.addcmul_(p[:, o].unsqueeze(-1), _shifted_cl(padded, pad, dy, dx, size))
+    return _channels_first(out)
+
+
+def _scatter(weights: torch.Tensor, values: torch.Tensor, offsets) -> torch.Tensor:
+    """The adjoint of the shift: (G, K, h, w) with [i + o] += weights[:, o, i] * values[:, :, i], summed over o
+    in one padded buffer (weights (G, O, h, w), values (G, K, h, w))."""
+    size = values.shape[-2:]
+    values_cl = _channels_last(values)
+    buffer, pad = _padded_cl(torch.zeros_like(values_cl), offsets)
+    for o, (dy, dx) in enumerate(offsets):
+        _shifted_cl(buffer, pad, dy, dx, size).addcmul_(weights[:, o].unsqueeze(-1), values_cl)
+    return _channels_first(buffer[:, pad:pad + size[0], pad:pad + size[1]])
+
+
+class _WindowDots(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, offsets):
+        ctx.save_for_backward(a, b)
+        ctx.offsets = offsets
+        return _dots(a, b, offsets)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        grad = grad.contiguous()
+        return _aggregate(grad, b, ctx.offsets), _scatter(grad, a, ctx.offsets), None
+
+
+class _WindowAggregate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, p, x, offsets):
+        ctx.save_for_backward(p, x)
+        ctx.offsets = offsets
+        return _aggregate(p, x, offsets)
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, x = ctx.saved_tensors
+        grad = grad.contiguous()
+        return _dots(grad, x, ctx.offsets), _scatter(p, grad, ctx.offsets), None
+
+
+def window_dots(a: torch.Tensor, b: torch.Tensor, offsets) -> torch.Tensor:
+    """Dot products along every window edge: a, b (G, K, h, w) -> (G, O, h, w), [g, o, i] = <a_i, b_(i + o)>
+    (0 where i + o is outside the grid). Differentiable in a and b. One offset at a time on views of the padded
+    b, and a backward pass that accumulates into one padded buffer: a stack of every shifted copy
+    (:func:`neighbour_stack`) holds O x K maps, and autograd through per-offset slices allocates a padded
+    gradient per offset; either made one Pet-sized epoch (30 x 40 nodes, K = 256, O = 49) cost seconds on a
+    CPU core."""
+    return _WindowDots.apply(a, b, offsets)
+
+
+def window_aggregate(p: torch.Tensor, x: torch.Tensor, offsets) -> torch.Tensor:
+    """Edge weights times neighbour values, summed over the window: p (G, O, h, w), x (G, K, h, w) ->
+    (G, K, h, w), [g, :, i] = sum_o p[g, o, i] x_(i + o) (x is 0 outside the grid). Differentiable in p and x;
+    computed as :func:`window_dots`."""
+    return _WindowAggregate.apply(p, x, offsets)
+
+
 def window_mask(valid: torch.Tensor, offsets) -> torch.Tensor:
     """bool (G, O, h, w): node i and its neighbour i + o are both real nodes (valid (G, h, w) bool)."""
     nb = neighbour_stack(valid.float(), offsets, 0.0) > 0.5
@@ -99,7 +191,7 @@ class AffinityAttention(nn.Module):
     def attention(self, x: torch.Tensor, adjacency: torch.Tensor, window: torch.Tensor, offsets) -> torch.Tensor:
         """P (G, O, h, w): P[g, o, i] = the weight of edge i -> i + o (each row sums to 1 over o)."""
         xn = F.normalize(x, dim=1)
-        cos = (xn.unsqueeze(1) * neighbour_stack(xn, offsets)).sum(2)               # (G, O, h, w)
+        cos = window_dots(xn, xn, offsets)                                            # (G, O, h, w)
         logits = self.beta.view(-1, 1, 1, 1) * cos + self.adjacency_weight * adjacency
         allowed = window & (cos >= 0)
         p = torch.softmax(logits.masked_fill(~allowed, NEG_INF), 1)
@@ -107,7 +199,7 @@ class AffinityAttention(nn.Module):
 
     def forward(self, x, adjacency, window, offsets):
         p = self.attention(x, adjacency, window, offsets)
-        return (p.unsqueeze(2) * neighbour_stack(x, offsets)).sum(1)
+        return window_aggregate(p, x, offsets)
 
 
 def _batched_linear_init(num_graphs: int, fan_in: int, fan_out: int) -> torch.Tensor:
@@ -245,7 +337,7 @@ def gated_crf_kernel(rgb: torch.Tensor, valid: torch.Tensor, radius: int = 5, xy
 def gated_crf_loss(probs: torch.Tensor, kernel: torch.Tensor, offsets, pairs: torch.Tensor) -> torch.Tensor:
     """Per-graph sum_ij K_ij (1 - <p_i, p_j>) / (number of pairs): probs (G, C, h, w), kernel (G, O, h, w),
     pairs (G,) -> (G,)."""
-    agree = (probs.unsqueeze(1) * neighbour_stack(probs, offsets)).sum(2)             # (G, O, h, w)
+    agree = window_dots(probs, probs, offsets)                                         # (G, O, h, w)
     return (kernel * (1.0 - agree)).sum((1, 2, 3)) / pairs.clamp(min=1)
 
 
