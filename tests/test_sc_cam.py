@@ -151,3 +151,30 @@ def test_the_round_loop_resumes_after_an_interruption_between_rounds(tiny_voc, t
     assert spec["args"]["subcategories"] == 2 and len(model(torch.rand(1, 3, 48, 48))) == 3
     # a third run finds everything done, through the stage entry (train_cls.method=sc_cam runs the rounds)
     assert train_cls.run(cfg) == final
+
+
+def test_final_pth_is_the_last_round_of_the_rounds_setting_that_asks_for_it(tiny_voc, tmp_path):
+    """A first look with rounds=1 (final.pth = round 1), then the full rounds=2: the loop goes on with round 2
+    instead of returning round 1's model, and going back to rounds=1 takes round 1's model again, untrained."""
+    from smaf.config import derive
+    from smaf.methods.sc_cam import FINAL_OF_FILE, run_rounds
+    from smaf.stages import train_cls
+
+    cfg = _tiny_cfg(tiny_voc, tmp_path)
+    trained = []
+
+    def record(round_cfg):
+        trained.append(round_cfg.train_cls.out_subdir)
+        return train_cls.train_classifier(round_cfg)
+
+    root = tmp_path / "train_cls"
+    final = run_rounds(derive(cfg, train_cls__sc_cam__rounds=1), record)
+    assert trained == ["train_cls/round_0", "train_cls/round_1"]
+    assert final.read_bytes() == (root / "round_1" / "final.pth").read_bytes()
+    assert json.loads((root / FINAL_OF_FILE).read_text())["rounds"] == 1
+    run_rounds(cfg, record)                                                        # rounds=2
+    assert trained[2:] == ["train_cls/round_2"]
+    assert final.read_bytes() == (root / "round_2" / "final.pth").read_bytes()
+    run_rounds(cfg, record)                                                        # finished: nothing trained
+    run_rounds(derive(cfg, train_cls__sc_cam__rounds=1), record)
+    assert trained[3:] == [] and final.read_bytes() == (root / "round_1" / "final.pth").read_bytes()

@@ -20,6 +20,7 @@ plain ``cam`` classifier trained as round 0. Layout under ``<work_dir>/<train_cl
     round_<r>/subcategory_labels.npz   ids, labels (N, C K) uint8, cluster ids (N, C) int (-1: class absent)
     round_<r>/               the round's stage-0 folder (final.pth, checkpoints/, log.txt, ...)
     final.pth                the last round's model: what stage 1 reads, as for every method
+    final.json               {"rounds": R, "model": ...}: which round final.pth is (another rounds setting goes on)
     rounds.json              per round: extractor, labels file, model, seconds
 
 A finished round (its final.pth exists) is skipped on rerun; an interrupted one resumes from its own
@@ -41,6 +42,18 @@ from . import ClassifierMethod, register_method
 
 LABELS_FILE = "subcategory_labels.npz"
 ROUNDS_FILE = "rounds.json"
+#: Which round final.pth is a copy of: ``{"rounds": R, "model": path}``. A run with another ``rounds`` than the one
+#: that wrote final.pth goes on (finished rounds are skipped) instead of taking a model of the wrong round.
+FINAL_OF_FILE = "final.json"
+
+
+def _final_rounds(path: Path) -> int | None:
+    """The ``rounds`` of the run that wrote final.pth (None when unknown or unreadable: the loop then re-checks
+    its rounds, which skips the finished ones, and writes final.pth again)."""
+    try:
+        return int(json.loads(Path(path).read_text())["rounds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def round_dir_name(round_index: int) -> str:
@@ -189,7 +202,9 @@ def run_rounds(cfg, train_round) -> Path:
                           f"own checkpoints) or start again with none")
     root = RunLayout(cfg).stage_dir("train_cls")
     final = root / FINAL
-    if final.is_file() and resume == "auto":
+    final_of = root / FINAL_OF_FILE
+    planned = int(opts.rounds)
+    if final.is_file() and resume == "auto" and _final_rounds(final_of) == planned:
         print(f"{final} exists: the SC-CAM rounds are finished (train_cls.resume=none to train again)", flush=True)
         return final
     root.mkdir(parents=True, exist_ok=True)
@@ -254,6 +269,7 @@ def run_rounds(cfg, train_round) -> Path:
         from ..io import atomic_save
 
         atomic_save(final, lambda tmp: shutil.copyfile(extractor, tmp))
+        atomic_save(final_of, lambda tmp: Path(tmp).write_text(json.dumps({"rounds": planned, "model": extractor})))
         logger.info("SC-CAM: the last round's model -> %s", final)
     dist.barrier()
     return final
