@@ -218,10 +218,11 @@ def bench_a2gnn(grid=A2GNN_GRID, device="auto", repeats: int = 3, epochs: int = 
         nb = neighbour_stack(x, offsets)
         ((x.unsqueeze(1) * nb).sum(2).sum() + (p.unsqueeze(2) * nb).sum(1).sum()).backward()
 
-    layer_times = {"windowed": [], "stacked": []}
+    forms = {"windowed": windowed, "stacked": stacked}
+    layer_times = {name: [] for name in forms}
     for r in range(max(1, int(repeats))):          # rotate the order, so that a change of load hits both
-        for name in (("windowed", "stacked") if r % 2 == 0 else ("stacked", "windowed")):
-            layer_times[name] += _per_image_times(windowed if name == "windowed" else stacked, [None], 1, device)
+        for name in (list(forms) if r % 2 == 0 else list(forms)[::-1]):
+            layer_times[name] += _per_image_times(forms[name], [None], 1, device)
     epoch = _summary(epoch_times)
     windowed_s = float(statistics.median(layer_times["windowed"]))
     stacked_s = float(statistics.median(layer_times["stacked"]))

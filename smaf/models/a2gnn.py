@@ -48,6 +48,11 @@ def window_offsets(radius: int) -> list[tuple[int, int]]:
     return [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
 
 
+def window_pad(offsets) -> int:
+    """The padding a list of window offsets (dy, dx) needs: max |dy|, |dx|."""
+    return max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+
+
 def shifted(padded: torch.Tensor, pad: int, dy: int, dx: int, size: tuple[int, int]) -> torch.Tensor:
     """From a tensor padded by ``pad`` on both sides of its last two dims, the view y with y[..., i, j] =
     x[..., i + dy, j + dx] (the pad value outside x)."""
@@ -57,7 +62,7 @@ def shifted(padded: torch.Tensor, pad: int, dy: int, dx: int, size: tuple[int, i
 
 def neighbour_stack(x: torch.Tensor, offsets, fill: float = 0.0) -> torch.Tensor:
     """x (G, ..., h, w) -> (G, O, ..., h, w): x shifted by each offset (``fill`` outside the grid)."""
-    pad = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+    pad = window_pad(offsets)
     size = x.shape[-2:]
     padded = F.pad(x, (pad, pad, pad, pad), value=fill)
     return torch.stack([shifted(padded, pad, dy, dx, size) for dy, dx in offsets], 1)
@@ -79,7 +84,7 @@ def _channels_first(x: torch.Tensor) -> torch.Tensor:
 
 def _rows_by_dy(offsets) -> tuple[int, dict]:
     """(pad, {dy: [(index in offsets, dx), ...]}) of a list of window offsets."""
-    pad = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+    pad = window_pad(offsets)
     rows: dict = {}
     for o, (dy, dx) in enumerate(offsets):
         rows.setdefault(dy, []).append((o, dx))
@@ -191,7 +196,7 @@ def window_distances(f: torch.Tensor, offsets) -> torch.Tensor:
     """L1 feature distance of every window edge: f (G, D, h, w) -> (G, O, h, w), mean_c |f_i - f_j| (0 at offset
     (0, 0); values outside the grid are meaningless, masked by :func:`window_mask`). One offset at a time: a
     stack of every shifted copy would hold O x D maps."""
-    pad = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+    pad = window_pad(offsets)
     size = f.shape[-2:]
     padded = F.pad(f, (pad, pad, pad, pad))
     return torch.stack([(f - shifted(padded, pad, dy, dx, size)).abs().mean(1) for dy, dx in offsets], 1)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..models.a2gnn import window_pad
 from ..models.affinity import PSA_RADIUS, psa_offsets
 from .pool import stack_cam_maps
 
@@ -85,7 +86,7 @@ def transition_weights(aff: torch.Tensor, beta: float) -> tuple[torch.Tensor, to
 def propagate_banded(v: torch.Tensor, w_self: torch.Tensor, w_nb: torch.Tensor, offsets, steps: int) -> torch.Tensor:
     """``steps`` products V <- V T in banded form: v (K, h, w); returns (K, h, w)."""
     h, w = v.shape[-2:]
-    pad = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+    pad = window_pad(offsets)
     for _ in range(int(steps)):
         padded = F.pad(v, (pad, pad, pad, pad))
         out = v * w_self
