@@ -137,6 +137,8 @@ def run_path(cfg, clock: _Clock, denoise_variants=None, prefix: str = "", refine
             out["warnings"].append(f"{prefix}stage 2 ({name}): {json.loads(warning.read_text())['warning']}")
         for split in SPLITS:
             gen_list, eval_list = lists[split]
+            if int(cfg.pipeline.subset) > 0:   # no stage 4 to feed: the scored ids only
+                gen_list = eval_list
             with_crf = denoise == default_denoise
             stage3 = derive(stage2, pseudo_masks__out_subdir=f"pseudo_masks_{name}_{split}",
                             pseudo_masks__list=gen_list, pseudo_masks__eval_list=eval_list,
@@ -166,6 +168,9 @@ def refine_rows(cfg, clock: _Clock, out: dict, lists: dict, refiners, prefix: st
     if bad:
         raise ValueError(f"unknown refiner(s) {bad}: expected some of {', '.join(REFINERS)}")
     sources = {FUSED: "fused", out["default_column"]: "self_trained"}
+    # with pipeline.subset the refiners make only the scored ids (A2GNN trains a network per image); otherwise
+    # every map of the source folder, which stage 4 trains on when data.train_list is longer than infer_list
+    subset = int(cfg.pipeline.subset) > 0
     if "rw" in refiners:
         aff = derive(cfg, train_aff__cam_dir=str(out["folders"]["train"][FUSED] / CAM_NPY),
                      train_aff__train_list=lists["train"][0])
@@ -182,14 +187,14 @@ def refine_rows(cfg, clock: _Clock, out: dict, lists: dict, refiners, prefix: st
             source = out["folders"][split][column] / CAM_NPY
             if "par" in refiners:
                 step = derive(cfg, par__input_dir=str(source), par__out_subdir=f"par_{tag}_{split}",
-                              par__eval_list=eval_list, par__list="")
+                              par__eval_list=eval_list, par__list=eval_list if subset else "")
                 result = clock(f"{prefix}PAR ({tag}, {split})", par.run, step)
                 out["miou"][split][column + PAR_SUFFIX] = result["miou"]
                 out["folders"][split][column + PAR_SUFFIX] = Path(result["out_dir"])
             if "rw" in refiners:
                 step = derive(cfg, random_walk__cam_dir=str(source), random_walk__checkpoint=str(rw_checkpoint),
                               random_walk__out_subdir=f"rw_{tag}_{split}", random_walk__eval_list=eval_list,
-                              random_walk__list="")
+                              random_walk__list=eval_list if subset else "")
                 result = clock(f"{prefix}random walk ({tag}, {split})", random_walk.run, step)
                 out["miou"][split][column + RW_SUFFIX] = result["miou"]
                 out["folders"][split][column + RW_SUFFIX] = Path(result["out_dir"])
@@ -201,7 +206,8 @@ def refine_rows(cfg, clock: _Clock, out: dict, lists: dict, refiners, prefix: st
                 out["folders"][split][column + RW_CRF_SUFFIX] = Path(result["out_dir"])
             if "a2gnn" in refiners:
                 step = derive(cfg, a2gnn__cam_dir=str(source), a2gnn__checkpoint=str(a2gnn_checkpoint),
-                              a2gnn__out_subdir=f"a2gnn_{tag}_{split}", a2gnn__eval_list=eval_list, a2gnn__list="",
+                              a2gnn__out_subdir=f"a2gnn_{tag}_{split}", a2gnn__eval_list=eval_list,
+                              a2gnn__list=eval_list if subset else "",
                               a2gnn__preset="image")
                 result = clock(f"{prefix}A2GNN ({tag}, {split})", a2gnn.run, step)
                 out["miou"][split][column + A2GNN_SUFFIX] = result["miou"]
@@ -269,6 +275,15 @@ def run_pipeline(cfg, denoise_variants=None, figure_rows: int = 4, log=print, me
     if cams_only and (refiners or segmentation):
         raise ValueError("--cams-only stops after stage 1: drop --refiners / --segmentation (they need stage 3's "
                          "masks), or drop --cams-only")
+    subset = int(cfg.pipeline.subset)
+    if subset < 0 or subset and segmentation:
+        raise ValueError(f"pipeline.subset={subset}: a number of ids > 0 (0 = the whole lists), and not with "
+                         "--segmentation (stage 4 trains on the masks of the whole training list)")
+    subset_info = None
+    if subset:   # score every column on the same few ids; stages 0 and 2 still train on data.train_list
+        subset_info = write_subset_lists(cfg, subset, work / f"subset_{subset}")
+        cfg = derive(cfg, data__infer_list=subset_info["train"], data__val_list=subset_info["val"])
+        log(f"== scored on a subset: {subset} ids of each list ({subset_info['train']}, {subset_info['val']})")
     methods = list(dict.fromkeys(methods or [cfg.train_cls.method]))
     for m in methods:
         get_method(m)   # an unknown method, or a bad key of its path overrides, fails before any work
@@ -305,7 +320,7 @@ def run_pipeline(cfg, denoise_variants=None, figure_rows: int = 4, log=print, me
         path_s[m] = round(sum(clock.timings.values()) - spent, 1)   # its stages (and its stage 4), not the twin
     summary = {"config": cfg.get("config_name", ""), "work_dir": str(cfg.work_dir), "backbone": cfg.model.backbone,
                "bg_method": cfg.inference.bg_method, "bg_threshold": cfg.inference.bg_threshold,
-               "methods": methods, "paths": paths,
+               "methods": methods, "paths": paths, "subset": subset_info,
                "warnings": [w for p in paths.values() for w in p["warnings"]] + seg_warnings}
     if segmentation:   # the twin does not depend on the path: once per run, in the top work_dir
         gt = segmentation_step(cfg, clock, "gt")
@@ -328,6 +343,28 @@ def run_pipeline(cfg, denoise_variants=None, figure_rows: int = 4, log=print, me
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     (work / "summary.md").write_text(format_summary(summary))
     return summary
+
+
+def write_subset_lists(cfg, n: int, folder: Path) -> dict:
+    """``n`` ids of ``data.infer_list`` and of ``data.val_list``, spread evenly over each list's order (indices
+    ``round(linspace(0, len - 1, n))``: no label or mask is looked at), written as ``<folder>/{train,val}.txt``.
+    Returns ``{'train': path, 'val': path, 'kept': {split: ids written}, 'of': {split: length of the full list}}``;
+    a list of ``n`` ids or fewer is kept whole."""
+    from .data.voc import VOCLayout
+    from .io import atomic_save
+
+    layout = VOCLayout.from_config(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {"kept": {}, "of": {}}
+    for split, lst in (("train", cfg.data.infer_list), ("val", cfg.data.val_list)):
+        ids = layout.read_list(lst)
+        keep = ids if len(ids) <= n else [ids[i] for i in np.unique(np.round(np.linspace(0, len(ids) - 1, n))
+                                                                      .astype(int))]
+        path = folder / f"{split}.txt"
+        text = "".join(f"{i}\n" for i in keep)
+        atomic_save(path, lambda tmp: Path(tmp).write_text(text))
+        out[split], out["kept"][split], out["of"][split] = str(path), len(keep), len(ids)
+    return out
 
 
 def share_sc_cam_round0(sc_cam_cfg, cam_cfg, log=print):
@@ -434,6 +471,12 @@ def format_summary(summary: dict) -> str:
         return out
 
     lines = table(columns, True)
+    sub = summary.get("subset")
+    if sub:   # every number of the run is of these ids, not of the whole lists
+        lines = [f"**On a subset**: every mIoU below is of {sub['kept']['train']} of the "
+                 f"{sub['of']['train']} train ids and {sub['kept']['val']} of the "
+                 f"{sub['of']['val']} val ids (spread evenly over each list; `{sub['train']}`, `{sub['val']}`); "
+                 "stages 0 and 2 trained on the whole training list.", ""] + lines
     if refined:
         crf_cols = [c for c in columns if c.endswith("+ CRF")]
         lines += ["", "Refiners (same maps; no threshold tuned on ground truth):", ""] + table(crf_cols + refined, False)
@@ -554,12 +597,16 @@ def main(argv=None) -> None:
     parser.add_argument("--cams-only", action="store_true",
                         help="stages 0 and 1 only: single-scale and fused CAM mIoU (and wall time) per path, e.g. "
                              "to compare stage-0 methods (docs/seed_methods.md)")
+    parser.add_argument("--subset", type=int, default=None, metavar="N",
+                        help="score every column on N ids of each list (spread evenly) and run the refiners on "
+                             "those only, e.g. A2GNN on a CPU (= pipeline.subset=N)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     args = parser.parse_args(argv)
     from .runtime import expected_errors
 
     with expected_errors():
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides + ([] if args.subset is None else
+                                                         [f"pipeline.subset={args.subset}"]))
         variants = [False, True] if args.denoise == "both" else None
         methods = [m.strip() for m in args.methods.split(",") if m.strip()] or None
         refiners = [r.strip() for r in args.refiners.split(",") if r.strip()]

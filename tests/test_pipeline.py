@@ -693,3 +693,76 @@ def test_the_a2gnn_refiner_trains_its_gated_affinity_net_once_and_adds_image_and
     refiners = text.split("Refiners (same maps")[1]
     assert f"{default} + CRF | {FUSED} + A2GNN | {default} + A2GNN | {BOX_A2GNN} |" in refiners
     assert f"| mIoU (%) | {FUSED} | {default} | {default} + CRF |" in text.split("Refiners")[0]
+
+
+def test_subset_scores_every_column_on_ids_spread_over_each_list_and_refines_only_those(tiny_voc, tmp_path,
+                                                                                         monkeypatch):
+    """--subset N: N ids spread evenly over data.infer_list and data.val_list (the ends included, list order kept),
+    written once under the work dir; every stage and refiner of the run sees them as its evaluation lists (the
+    refiners also as the ids to make), stages 0 and 2 keep data.train_list; the summary says so first; with
+    --segmentation (stage 4 needs the whole training list) it refuses before any work."""
+    from smaf import pipeline
+    from smaf.data.voc import read_id_list
+    from smaf.stages import a2gnn, crf, par, random_walk, train_aff
+
+    cfg = tiny_cfg(tiny_voc, tmp_path, "pipeline.subset=3")
+    full = {s: read_id_list(cfg.data[k]) for s, k in (("train", "infer_list"), ("val", "val_list"))}
+    assert len(full["train"]) > 3
+    seen = []
+
+    def fake_path(path_cfg, clock, *args, **kwargs):
+        seen.append(path_cfg)
+        return {"miou": {"train": {pipeline.FUSED: 1.0}, "val": {pipeline.FUSED: 2.0}}, "folders": {},
+                "bg_scores": {}, "warnings": [], "default_column": pipeline.FUSED}
+
+    real_run_path = pipeline.run_path
+    monkeypatch.setattr(pipeline, "run_path", fake_path)
+    monkeypatch.setattr(pipeline, "make_figure", lambda *a, **k: tmp_path / "figure.jpg")
+    summary = pipeline.run_pipeline(cfg, log=lambda _: None)
+    sub = summary["subset"]
+    n = len(full["train"])
+    for split in ("train", "val"):   # 12 and 6 ids: indices 0, 6, 11 and 0, 2, 5 (linspace, rounded half to even)
+        ids, m = full[split], len(full[split])
+        assert read_id_list(sub[split]) == [ids[0], ids[round((m - 1) / 2)], ids[-1]]
+    assert sub["kept"]["train"] == 3 and sub["of"]["train"] == n
+    assert seen[0].data.infer_list == sub["train"] and seen[0].data.val_list == sub["val"]
+    assert seen[0].data.train_list == cfg.data.train_list             # training still sees every image
+    assert pipeline.format_summary(summary).startswith(f"**On a subset**: every mIoU below is of 3 of the {n} train")
+    with pytest.raises(ValueError, match="segmentation"):
+        pipeline.run_pipeline(cfg, log=lambda _: None, segmentation=True)
+
+    # the refiners make the scored ids only (without a subset: every map of the source folder, as before)
+    calls = []
+    monkeypatch.setattr(train_aff, "run", lambda c: tmp_path / "aff" / "final.pth")
+    for module, key in ((par, "par"), (random_walk, "random_walk"), (a2gnn, "a2gnn")):
+        monkeypatch.setattr(module, "run", lambda c, key=key: calls.append((key, c[key].list, c[key].eval_list))
+                            or {"miou": 1.0, "out_dir": tmp_path / c[key].out_subdir})
+    monkeypatch.setattr(crf, "run", lambda c: {"miou": 1.0})
+    default = "self-trained (denoise off)"
+    out = {"miou": {"train": {}, "val": {}}, "default_column": default,
+           "folders": {s: {pipeline.FUSED: tmp_path / f"fused_{s}", default: tmp_path / f"st_{s}"}
+                       for s in ("train", "val")}}
+    lists = {"train": ("all.txt", "scored_train.txt"), "val": ("scored_val.txt", "scored_val.txt")}
+    pipeline.refine_rows(seen[0], pipeline._Clock(tmp_path / "t.json", lambda _: None), out, lists,
+                         ["par", "rw", "a2gnn"])
+    assert calls and all(lst == ev for _, lst, ev in calls)
+    assert {ev for _, _, ev in calls} == {"scored_train.txt", "scored_val.txt"}
+    calls.clear()
+    pipeline.refine_rows(tiny_cfg(tiny_voc, tmp_path), pipeline._Clock(tmp_path / "t2.json", lambda _: None), out,
+                         lists, ["par", "rw"])
+    assert {lst for _, lst, _ in calls} == {""}
+
+    # stage 3 makes the scored ids only too (no stage 4 to feed); stage 1 of the train list stays whole (stage 2)
+    from smaf.stages import gen_fusion, gen_pm, train_cls, train_fusion
+
+    made = []
+    monkeypatch.setattr(train_cls, "run", lambda c: tmp_path / "cls.pth")
+    monkeypatch.setattr(train_fusion, "run", lambda c: tmp_path / "tf" / "final.pth")
+    monkeypatch.setattr(gen_fusion, "run", lambda c: made.append(("fusion", c.fusion.list))
+                        or {"miou": 1.0, "out_dir": tmp_path / c.fusion.out_subdir})
+    monkeypatch.setattr(gen_pm, "run", lambda c: made.append(("pm", c.pseudo_masks.list))
+                        or {"miou": 1.0, "miou_crf": 1.0, "out_dir": tmp_path / c.pseudo_masks.out_subdir})
+    monkeypatch.setattr(pipeline, "fixed_score_comparison", lambda *a, **k: {})
+    real_run_path(seen[0], pipeline._Clock(tmp_path / "t3.json", lambda _: None))
+    assert made == [("fusion", cfg.data.train_list)] * 2 + [("fusion", sub["val"])] * 2 + \
+        [("pm", sub["train"]), ("pm", sub["val"])]
