@@ -59,6 +59,33 @@ def test_the_seed_rule_with_the_crf_keeps_clean_regions():
     assert (seeds[:, 44:] == 0).mean() > 0.9                        # far background
 
 
+def test_shifting_by_the_background_rule_gives_seeds_to_maps_with_a_floor():
+    """A self-trained map never reaches 0 (here a floor of 0.05): the spec's rule ((1 - max M)^24 > 0.8, i.e.
+    max M < 0.0093) then finds no background seed at all; shifted by the image's background score (fixed 0.2:
+    clip((M - 0.2) / 0.8)) the far background is seeded again and the object keeps its top seeds; maps whose
+    background is 0 already keep their seeds under the shift; the config key is checked."""
+    from smaf.cam.background import BackgroundRule
+    from smaf.config import ConfigError, load_config
+
+    image = np.full((48, 64, 3), 60, np.uint8)
+    image[8:40, 8:32] = 200
+    cam = np.full((48, 64), 0.05, np.float32)
+    cam[8:40, 8:32] = np.linspace(0.5, 1.0, 24, dtype=np.float32)[None]
+    plain = confident_seeds(image, {0: cam}, SeedParams())
+    assert (plain == 0).sum() == 0
+    shifted = confident_seeds(image, {0: cam}, SeedParams(shift=BackgroundRule("fixed", 0.2)))
+    assert (shifted[:, 44:] == 0).mean() > 0.9 and (shifted[8:40, 24:32] == 1).mean() > 0.9
+    assert (shifted[8:40, 8:14] == 1).sum() == 0
+    clean = np.where(cam > 0.05, cam, 0).astype(np.float32)
+    np.testing.assert_array_equal(confident_seeds(image, {0: clean}, SeedParams(shift=BackgroundRule("fixed", 0.0))),
+                                  confident_seeds(image, {0: clean}, SeedParams()))
+    cfg = load_config("demo")
+    assert SeedParams.from_config(cfg.a2gnn.seeds, cfg.inference).shift == BackgroundRule.from_section(
+        cfg.inference, "inference")
+    with pytest.raises(ConfigError, match="a2gnn.seeds.shift"):
+        SeedParams.from_config(load_config("demo", ["a2gnn.seeds.shift=zero"]).a2gnn.seeds, cfg.inference)
+
+
 def test_padding_is_unlabelled_not_background():
     seeds = np.zeros((5, 6), np.uint8)
     seeds[1, 1] = 3

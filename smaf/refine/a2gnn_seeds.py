@@ -34,6 +34,11 @@ from .pool import stack_cam_maps
 IGNORE = 255
 
 
+#: ``a2gnn.seeds.shift``: ``none`` (the maps as they are: the spec) or ``bg_rule`` (shifted by the image's
+#: background score of the ``inference`` rule, so that the rule's background sits at 0 as in PSA's ReLU CAMs).
+SEED_SHIFTS = ("none", "bg_rule")
+
+
 @dataclass(frozen=True)
 class SeedParams:
     """Constants of the seed rule (config ``a2gnn.seeds``; all from related-methods.md §8)."""
@@ -47,19 +52,31 @@ class SeedParams:
     min_confidence: float = 0.8     # max CRF marginal below this -> 255
     crf: bool = True
     crf_params: CRFParams = PSA_CRF
+    # maps -> background score of the image (a BackgroundRule) or None: with it, every map is shifted to
+    # clip((M - t) / (1 - t), 0, 1) first (docs/a2gnn.md, "Seeds of maps with a floor")
+    shift: object = None
 
     def __post_init__(self):
         if not 0.0 < self.top_fraction <= 1.0:
             raise ValueError(f"seed top_fraction {self.top_fraction}: expected a value in (0, 1]")
 
     @classmethod
-    def from_config(cls, sect) -> "SeedParams":
-        """From the ``a2gnn.seeds`` section (the CRF constants: PSA's ``crf_inference``)."""
+    def from_config(cls, sect, inference=None) -> "SeedParams":
+        """From the ``a2gnn.seeds`` section (the CRF constants: PSA's ``crf_inference``); ``shift: bg_rule``
+        takes the background rule of the ``inference`` section (``bg_method``, ``bg_threshold``), ``none`` the
+        maps as they are."""
+        from ..cam.background import BackgroundRule
         from ..config import ConfigError
 
+        shift = str(sect.get("shift", "none"))
+        if shift not in SEED_SHIFTS:
+            raise ConfigError(f"a2gnn.seeds.shift={shift!r}: expected one of {', '.join(SEED_SHIFTS)}")
+        if shift == "bg_rule" and inference is None:
+            raise ConfigError("a2gnn.seeds.shift=bg_rule needs the inference section's background rule")
         try:
             return cls(float(sect.alpha_la), float(sect.alpha_ha), float(sect.top_fraction), float(sect.cam_floor),
-                       float(sect.bg_power), float(sect.bg_min), float(sect.min_confidence), bool(sect.crf))
+                       float(sect.bg_power), float(sect.bg_min), float(sect.min_confidence), bool(sect.crf),
+                       shift=BackgroundRule.from_section(inference, "inference") if shift == "bg_rule" else None)
         except (ValueError, KeyError, AttributeError) as err:
             raise ConfigError(f"a2gnn.seeds: {err}") from None
 
@@ -87,6 +104,9 @@ def confident_seeds(image: np.ndarray, cams: dict, params: SeedParams = SeedPara
     if not keys:
         return np.zeros((h, w), np.uint8)
     maps = stack_cam_maps(cams, keys, (h, w))
+    if params.shift is not None:   # the rule's zeros are where the image's own background rule says background
+        t = min(float(params.shift(maps)), 1.0 - 1e-6)
+        maps = np.clip((maps - t) / (1.0 - t), 0.0, 1.0).astype(np.float32)
     peak = maps.max(0)
     base = np.clip(1.0 - peak, 0.0, 1.0)
     q_la = _marginals(image, np.concatenate([base[None] ** params.alpha_la, maps]).astype(np.float32), params)

@@ -55,7 +55,7 @@ def params_from_config(cfg) -> A2GNNParams:
         crf = CRFParams(0.7, float(sect.gauss_sxy), float(sect.gauss_compat), float(sect.bi_sxy), float(sect.bi_srgb),
                         float(sect.bi_compat), int(sect.iterations))
         params = A2GNNParams(train, bool(preset["rw"]), float(sect.rw_weight), rw, bool(sect.crf), crf,
-                             int(cfg.inference.base_long), SeedParams.from_config(sect.seeds))
+                             int(cfg.inference.base_long), SeedParams.from_config(sect.seeds, cfg.inference))
     except KeyError as err:
         raise ConfigError(f"a2gnn.{sect.preset} lacks the key {err} (needs epochs, lr, window_radius, gcrf_weight, "
                           f"rw, mil_weight)") from None
