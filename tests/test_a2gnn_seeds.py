@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from smaf.refine.a2gnn_boxes import (Box, box_seeds, boxes_from_mask, read_box_file, read_boxes, read_voc_xml,
-                                     write_box_file)
+from smaf.refine.a2gnn_boxes import (Box, box_seeds, boxes_from_mask, grabcut_box_seeds, read_box_file, read_boxes,
+                                     read_voc_xml, write_box_file)
 from smaf.refine.a2gnn_seeds import SeedParams, SeedRefiner, confident_seeds, pad_seeds
 
 # Columns of a 4 x 10 CAM (every row the same) for classes 1 and 3.
@@ -122,6 +122,28 @@ def test_box_seeds_from_a_mask_reproduce_its_tight_boxes(tmp_path):
         read_box_file(tmp_path / "c.txt", ["a", "b"])
     with pytest.raises(FileNotFoundError, match="nope"):
         read_boxes(tmp_path, "nope", ["a"])
+
+
+def test_grabcut_box_seeds_keep_the_object_and_unlabel_the_rest_of_its_box():
+    """A textured disc inside a loose box: GrabCut's seeds label the disc with the box class, leave the box's
+    corners (background inside the box) unlabelled and everything outside the box background; a box covering the
+    whole image (nothing to model the background from) falls back to the filled box."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(20, 60, (64, 80, 3)).astype(np.uint8)
+    yy, xx = np.mgrid[:64, :80]
+    disc = (yy - 32) ** 2 + (xx - 40) ** 2 <= 14 ** 2
+    image[disc] = rng.integers(190, 240, (int(disc.sum()), 3)).astype(np.uint8)
+    box = Box(2, 20, 12, 60, 52)
+    seeds = grabcut_box_seeds(image, [box])
+    inside = np.zeros_like(disc)
+    inside[12:53, 20:61] = True
+    assert (seeds[~inside] == 0).all()
+    assert (seeds[disc] == 3).mean() > 0.95                         # the object keeps its class
+    corners = inside & ((yy - 32) ** 2 + (xx - 40) ** 2 > 18 ** 2)
+    assert (seeds[corners] == 255).mean() > 0.9                     # the box's background: left to the graph
+    assert set(np.unique(seeds)) == {0, 3, 255}
+    np.testing.assert_array_equal(grabcut_box_seeds(image, [Box(1, 0, 0, 79, 63)]),
+                                  box_seeds((64, 80), [Box(1, 0, 0, 79, 63)]))
 
 
 def test_voc_xml_boxes_are_read_zero_based_and_clipped(tmp_path):

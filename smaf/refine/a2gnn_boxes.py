@@ -19,8 +19,11 @@ every 8-connected region of each class of a ground-truth mask (255 ignored). The
 tighter than drawn boxes and split an object occluded into several parts into several boxes.
 
 Box seeds (:func:`box_seeds`): 0 (background) outside every box; inside a box its class + 1, the smaller box
-winning where boxes overlap. A2GNN's own clean-up of the box interiors happens in the graph training (the
-consistency check and the MIL loss, :mod:`smaf.models.a2gnn`).
+winning where boxes overlap. :func:`grabcut_box_seeds` (the stage's default, ``a2gnn.box_seeds: grabcut``) keeps
+the class only where OpenCV's GrabCut, started from the box, finds the object, and leaves the rest of the box
+unlabelled (255): the GrabCut step of SDI-style box seeds (Khoreva et al. 2017) that the reference's downloaded
+seeds came from, without their MCG half. A2GNN's own clean-up of the box interiors happens in the graph training
+(the consistency check and the MIL loss, :mod:`smaf.models.a2gnn`).
 """
 from __future__ import annotations
 
@@ -148,6 +151,34 @@ def box_seeds(size: tuple[int, int], boxes: list[Box]) -> np.ndarray:
     seeds = np.zeros(tuple(size), np.uint8)
     for b in sorted(boxes, key=lambda b: -b.area):
         seeds[b.y0:b.y1 + 1, b.x0:b.x1 + 1] = b.cls + 1
+    return seeds
+
+
+def grabcut_box_seeds(image: np.ndarray, boxes: list[Box], iterations: int = 5) -> np.ndarray:
+    """Seed map uint8 (H, W) of boxes refined by GrabCut: 0 outside every box; inside each box (larger boxes
+    first, so smaller ones win on overlaps) its class + 1 where GrabCut (``iterations`` rounds, initialised with
+    the box as the rectangle, on the RGB uint8 ``image`` (H, W, 3)) labels the pixel (probably) foreground, 255
+    elsewhere in the box. A box GrabCut cannot model (no pixel outside it, fewer than 2 pixels wide or high) or in
+    which it finds no foreground keeps its whole interior as the class, as :func:`box_seeds` does."""
+    h, w = image.shape[:2]
+    seeds = np.zeros((h, w), np.uint8)
+    bgr = np.ascontiguousarray(image[..., ::-1])
+    for b in sorted(boxes, key=lambda b: -b.area):
+        inside = (slice(b.y0, b.y1 + 1), slice(b.x0, b.x1 + 1))
+        bw, bh = b.x1 - b.x0 + 1, b.y1 - b.y0 + 1
+        fg = None
+        if bw >= 2 and bh >= 2 and bw * bh < h * w:
+            mask = np.zeros((h, w), np.uint8)
+            try:
+                cv2.grabCut(bgr, mask, (b.x0, b.y0, bw, bh), np.zeros((1, 65), np.float64),
+                            np.zeros((1, 65), np.float64), int(iterations), cv2.GC_INIT_WITH_RECT)
+                fg = ((mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD))[inside]
+            except cv2.error:   # e.g. one colour everywhere: nothing to model
+                fg = None
+        if fg is None or not fg.any():
+            seeds[inside] = b.cls + 1
+        else:
+            seeds[inside] = np.where(fg, b.cls + 1, 255).astype(np.uint8)
     return seeds
 
 

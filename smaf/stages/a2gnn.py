@@ -29,7 +29,8 @@ from ..config import ConfigError
 from ..io import load_cam_dict, load_image, load_label_png, overlay, save_cam_dict, save_label_png, save_panel
 from ..models.a2gnn import TrainParams
 from ..refine.a2gnn import A2GNN_RW, A2GNNParams, A2GNNRefiner
-from ..refine.a2gnn_boxes import box_seeds, boxes_from_mask, read_box_file, read_boxes, write_box_file
+from ..refine.a2gnn_boxes import (box_seeds, boxes_from_mask, grabcut_box_seeds, read_box_file, read_boxes,
+                                  write_box_file)
 from ..refine.a2gnn_seeds import SeedParams, SeedRefiner, seed_statistics
 from ..refine.crf import CRFParams
 from ..refine.random_walk import RandomWalkParams
@@ -38,6 +39,8 @@ from ..run_layout import BOXES, CAM_NPY, CAM_PNG, OVERLAYS, SEEDS, RunLayout
 from ..runtime import StageError, check_positive, default_workers, pick, prepare_output, stage_main
 
 PRESETS = ("image", "box")
+#: ``a2gnn.box_seeds``: GrabCut inside each box (the rest of the box unlabelled) or the whole box as the class.
+BOX_SEEDS = ("grabcut", "box")
 
 
 def params_from_config(cfg) -> A2GNNParams:
@@ -66,8 +69,10 @@ def params_from_config(cfg) -> A2GNNParams:
     return params
 
 
-def _make_box_seeds(layout, ids, box_dir: str, seed_dir, box_out, logger) -> None:
-    """Seeds (and the boxes used, as text box files) of preset box."""
+def _make_box_seeds(layout, ids, box_dir: str, seed_dir, box_out, logger, how: str = "grabcut",
+                    iterations: int = 5) -> None:
+    """Seeds (and the boxes used, as text box files) of preset box: ``how`` = grabcut (GrabCut inside each box,
+    the rest of the box unlabelled) or box (the whole box)."""
     seed_dir.mkdir(parents=True, exist_ok=True)
     box_out.mkdir(parents=True, exist_ok=True)
     for image_id in ids:
@@ -79,8 +84,10 @@ def _make_box_seeds(layout, ids, box_dir: str, seed_dir, box_out, logger) -> Non
         else:
             boxes = read_boxes(box_dir, image_id, layout.class_names, size)
         write_box_file(box_out / f"{image_id}.txt", boxes)
-        save_label_png(seed_dir / f"{image_id}.png", box_seeds(size, boxes))
-    logger.info("box seeds of %d images from %s", len(ids),
+        seeds = (grabcut_box_seeds(layout.load_image(image_id), boxes, iterations) if how == "grabcut" else
+                 box_seeds(size, boxes))
+        save_label_png(seed_dir / f"{image_id}.png", seeds)
+    logger.info("box seeds (%s) of %d images from %s", how, len(ids),
                 "the ground-truth masks (tight boxes of each region; benchmarking only)" if box_dir == "masks"
                 else box_dir)
 
@@ -96,6 +103,8 @@ def run(cfg) -> dict:
     ckpt = runs.input("a2gnn", "checkpoint")
     box = str(sect.preset) == "box"
     box_dir = str(sect.box_dir)
+    if box and str(sect.box_seeds) not in BOX_SEEDS:
+        raise ConfigError(f"a2gnn.box_seeds={sect.box_seeds!r}: expected one of {', '.join(BOX_SEEDS)}")
     if box and not box_dir:
         raise ConfigError("a2gnn.preset=box needs a2gnn.box_dir: a folder of <id>.txt / <id>.xml boxes, or 'masks'")
     need_cams = not box or params.rw
@@ -114,7 +123,8 @@ def run(cfg) -> dict:
     seed_dir, png_dir, npy_dir = out_dir / SEEDS, out_dir / CAM_PNG, out_dir / CAM_NPY
     start = time.perf_counter()
     if box:
-        _make_box_seeds(layout, ids, box_dir, seed_dir, out_dir / BOXES, logger)
+        _make_box_seeds(layout, ids, box_dir, seed_dir, out_dir / BOXES, logger, str(sect.box_seeds),
+                        int(sect.grabcut_iterations))
     else:
         made = refine_folder(layout, cam_dir, seed_dir, ids, SeedRefiner(params.seeds),
                              default_workers(int(sect.seed_workers) or 64), desc="a2gnn seeds")
