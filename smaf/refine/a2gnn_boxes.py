@@ -173,8 +173,8 @@ def grabcut_box_seeds(image: np.ndarray, boxes: list[Box], iterations: int = 5) 
                 cv2.grabCut(bgr, mask, (b.x0, b.y0, bw, bh), np.zeros((1, 65), np.float64),
                             np.zeros((1, 65), np.float64), int(iterations), cv2.GC_INIT_WITH_RECT)
                 fg = ((mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD))[inside]
-            except cv2.error:   # e.g. one colour everywhere: nothing to model
-                fg = None
+            except cv2.error:   # e.g. one colour everywhere: nothing to model (fg stays None)
+                pass
         if fg is None or not fg.any():
             seeds[inside] = b.cls + 1
         else:

@@ -78,13 +78,14 @@ def _make_box_seeds(layout, ids, box_dir: str, seed_dir, box_out, logger, how: s
     for image_id in ids:
         if (seed_dir / f"{image_id}.png").is_file() and (box_out / f"{image_id}.txt").is_file():
             continue
-        size = layout.load_image(image_id).shape[:2]
+        image = layout.load_image(image_id)
+        size = image.shape[:2]
         if box_dir == "masks":
             boxes = boxes_from_mask(layout.load_mask(image_id))
         else:
             boxes = read_boxes(box_dir, image_id, layout.class_names, size)
         write_box_file(box_out / f"{image_id}.txt", boxes)
-        seeds = (grabcut_box_seeds(layout.load_image(image_id), boxes, iterations) if how == "grabcut" else
+        seeds = (grabcut_box_seeds(image, boxes, iterations) if how == "grabcut" else
                  box_seeds(size, boxes))
         save_label_png(seed_dir / f"{image_id}.png", seeds)
     logger.info("box seeds (%s) of %d images from %s", how, len(ids),
