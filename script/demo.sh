@@ -13,7 +13,7 @@
 #          summary.json, timings.json, figure.jpg); the table on stdout
 # Keys:    CONFIG (default demo); any key=value overrides the config, e.g. work_dir=runs/demo
 #          train_cls.iterations=100 train_fusion.iterations=50 inference.bg_method=fixed
-# Time:    6-12 minutes on a 2-core CPU with stage 4, by VM (measured: README; + about 2 minutes once for set-up)
+# Time:    5-13 minutes on a 2-core CPU with stage 4, by VM (measured: README; + about 2 minutes once for set-up)
 CONFIG="${CONFIG:-demo}"
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 bootstrap_python
