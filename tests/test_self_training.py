@@ -143,3 +143,35 @@ def test_padding_is_left_out_of_the_loss_when_asked():
     changed[:, :, :, 10:] = torch.rand(2, 4, 16, 6)           # only padding pixels change
     assert self_training_loss(cam, changed, valid=valid) == self_training_loss(cam, target, valid=valid)
     assert self_training_loss(cam, changed) != self_training_loss(cam, target)
+
+
+class _ScaledHead(torch.nn.Module):
+    """Fixed C+1 logit maps times a logit scale (the part of CAMNet that ``calibration: scale_all`` touches)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits, self.num_classes, self.logit_scale = logits, logits.shape[1] - 1, 1.0
+
+    def set_logit_scale(self, value):
+        self.logit_scale = value
+
+    def forward(self, images):
+        cam = self.logits * self.logit_scale
+        return cam.mean((2, 3)), cam, None
+
+
+def test_scale_all_puts_the_labelled_peaks_near_one_and_keeps_every_argmax():
+    from smaf.stages.train_fusion import calibrate_logit_scale
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 6, 6) * 5
+    logits[0, 0, 2, 2], logits[1, 1, 3, 3] = 30.0, 40.0     # labelled peaks: mean 35, as an EPS head's (~31)
+    labels = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    model = _ScaledHead(logits.clone())
+    divisor = calibrate_logit_scale(model, None, labels)
+    assert divisor == pytest.approx(35.0)
+    _, cam, _ = model(None)
+    assert torch.equal(cam.argmax(1), logits.argmax(1))
+    assert float(cam[0, 0].max() + cam[1, 1].max()) / 2 == pytest.approx(1.0)
+    # the softmax is no longer saturated where it was
+    assert float(torch.softmax(cam, 1).amax(1).max()) < float(torch.softmax(logits, 1).amax(1).max())
