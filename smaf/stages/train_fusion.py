@@ -50,6 +50,15 @@ def crop_weights(weights_full: torch.Tensor, params: list, size: int, padding_mo
 
 
 @torch.no_grad()
+def mean_labelled_peak(model, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """The mean over the labelled (image, class) pairs of the peak CAM logit of ``model`` on ``images``
+    (B, 3, H, W), labels (B, C); at least 1 (the divisor of the calibrations below)."""
+    _, cam, _ = model(images)
+    peaks = cam[:, :model.num_classes].flatten(2).amax(2)
+    return float(((peaks * labels).sum() / labels.sum().clamp(min=1)).clamp(min=1.0))
+
+
+@torch.no_grad()
 def calibrate_background_head(model, images: torch.Tensor, labels: torch.Tensor, how: str = "weights") -> float:
     """Prepare a plain CAM classifier that just got a background channel for the softmax of stage 2.
 
@@ -63,9 +72,7 @@ def calibrate_background_head(model, images: torch.Tensor, labels: torch.Tensor,
     (:meth:`CAMNet.set_logit_scale`), which keeps the updates in proportion. Returns the divisor.
     """
     c = model.num_classes
-    _, cam, _ = model(images)
-    peaks = cam[:, :c].flatten(2).amax(2)
-    divisor = float(((peaks * labels).sum() / labels.sum().clamp(min=1)).clamp(min=1.0))
+    divisor = mean_labelled_peak(model, images, labels)
     if how == "scale":
         model.set_logit_scale(model.logit_scale / divisor)
     else:
@@ -78,10 +85,7 @@ def calibrate_background_head(model, images: torch.Tensor, labels: torch.Tensor,
 def calibrate_logit_scale(model, images: torch.Tensor, labels: torch.Tensor) -> float:
     """Multiply the logits of a model that has its background channel by 1/(mean peak CAM of the labelled
     classes on ``images``) (``calibration: scale_all``). Returns the divisor."""
-    c = model.num_classes
-    _, cam, _ = model(images)
-    peaks = cam[:, :c].flatten(2).amax(2)
-    divisor = float(((peaks * labels).sum() / labels.sum().clamp(min=1)).clamp(min=1.0))
+    divisor = mean_labelled_peak(model, images, labels)
     model.set_logit_scale(model.logit_scale / divisor)
     return divisor
 
