@@ -260,3 +260,19 @@ def test_bad_afa_settings_are_one_line_config_errors(tiny_voc, tmp_path):
                           capture_output=True, text=True, cwd=REPO, timeout=60)
     assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1
     assert "train_afa.cam_iters" in proc.stderr
+
+
+def test_resize_long_draws_the_long_side_instead_of_rescaling_the_original(tiny_voc, tmp_path):
+    from smaf.stages.train_afa import train_transform
+
+    rng = np.random.default_rng(0)
+    image = np.zeros((100, 200, 3), np.uint8)                               # long side 200
+    sect = _cfg(tiny_voc, tmp_path, "train_afa.resize_long=[40,40]", "train_afa.crop=64").train_afa
+    out = train_transform(sect)(rng, image)
+    assert out["image"].shape == (3, 64, 64)
+    assert out["valid"].sum() == 40 * 20                                    # 200 x 100 -> 40 x 20, then padded
+    sect = _cfg(tiny_voc, tmp_path, "train_afa.scale_range=[0.25,0.25]", "train_afa.crop=64").train_afa
+    assert train_transform(sect)(rng, image)["valid"].sum() == 50 * 25      # AFA's rule: the original x 0.25
+    for bad in ("[40]", "[50,40]", "[a,b]"):
+        with pytest.raises(ConfigError, match=r"train_afa.resize_long"):
+            train_transform(_cfg(tiny_voc, tmp_path, f"train_afa.resize_long={bad}").train_afa)

@@ -3,7 +3,8 @@ classifier, affinity from attention and segmentation decoder trained together fr
 (related-methods.md §7).
 
 Per iteration t (0-based) on a batch of crops (:class:`~smaf.data.voc.ClassificationDataset`: random rescale in
-``train_afa.scale_range``, flip, crop ``train_afa.crop``, no colour jitter):
+``train_afa.scale_range`` (or a random long side in ``train_afa.resize_long`` for large photos), flip, crop
+``train_afa.crop``, no colour jitter):
 
 1. one forward pass with gradients: class logits, CAM, affinity (B, N, N), segmentation logits
    (:class:`smaf.models.afa.AFANet`); L_cls = multilabel soft margin of the GMP logits;
@@ -175,6 +176,25 @@ def model_spec(cfg, layout) -> dict:
                     layout.class_names)
 
 
+def train_transform(sect) -> JointTrainTransform:
+    """The crops of ``train_afa`` (section ``sect``): a random rescale of the original by ``scale_range`` (AFA),
+    or, when ``resize_long`` = [lo, hi] is set, a random long side in it; then flip and a ``crop`` x ``crop``
+    crop. One-line ConfigError for a bad range."""
+    scale_range = list(sect.scale_range or [])
+    if len(scale_range) != 2 or not 0 < float(scale_range[0]) <= float(scale_range[1]):
+        raise ConfigError(f"train_afa.scale_range={scale_range}: expected [lo, hi] with 0 < lo <= hi (AFA: "
+                          f"[0.5, 2.0])")
+    # VOC photos are about 500 px, so AFA rescales the original; large photos (Pet: up to 1600 px) would give
+    # crops of fur, so a set may draw the long side instead, as stage 0 does (then scale_range is not used)
+    resize_long = list(sect.resize_long or [])
+    if resize_long and (len(resize_long) != 2 or not all(isinstance(v, int) for v in resize_long)
+                        or not 0 < resize_long[0] <= resize_long[1]):
+        raise ConfigError(f"train_afa.resize_long={resize_long}: expected [lo, hi] long sides with 0 < lo <= hi "
+                          f"(e.g. [224, 320]), or [] for AFA's scale_range on the original size")
+    return JointTrainTransform(int(sect.crop), resize_long or None, flip=bool(sect.flip),
+                               jitter=list(sect.jitter or []), scale_range=None if resize_long else scale_range)
+
+
 def run(cfg):
     """AFA training. Returns the path of ``final.pth``."""
     sect = cfg.train_afa
@@ -183,10 +203,7 @@ def run(cfg):
     schedule = schedule_from_config(sect)
     params = label_params_from_config(sect)
     par_params = PARParams.from_config(cfg.par)
-    scale_range = list(sect.scale_range or [])
-    if len(scale_range) != 2 or not 0 < float(scale_range[0]) <= float(scale_range[1]):
-        raise ConfigError(f"train_afa.scale_range={scale_range}: expected [lo, hi] with 0 < lo <= hi (AFA: "
-                          f"[0.5, 2.0])")
+    transform = train_transform(sect)
     layout = VOCLayout.from_config(cfg)
     ids = layout.read_list(pick(sect.train_list, cfg.data.train_list))
     check_inputs(layout, ids, "train_afa.train_list")
@@ -196,8 +213,6 @@ def run(cfg):
     spec = model_spec(cfg, layout)
     out_dir, logger, device, layout = prepare_output(cfg, "train_afa", layout=layout)
     set_seed(cfg.seed)
-    transform = JointTrainTransform(int(sect.crop), None, flip=bool(sect.flip), jitter=list(sect.jitter or []),
-                                    scale_range=scale_range)
     dataset = ClassificationDataset(layout, ids, transform)
     pretrained = str(sect.pretrained or "")
     model = build_from_spec(spec, pretrained=pretrained)
@@ -207,10 +222,12 @@ def run(cfg):
     validator = SegValidator(layout, cfg.data.val_list, sect.val_max_images, cfg.infer_afa.base_long,
                              cfg.infer_afa.resize, cfg.amp, cfg.num_workers, logger)
     logger.info("AFA on %s (output stride %d, weights %s, %d affinity maps), %d classes; %d images, crop %d, "
-                "scale %s; L_cls alone for %d iterations, then + %.2g L_seg + %.2g L_aff (L_seg on the "
+                "%s; L_cls alone for %d iterations, then + %.2g L_seg + %.2g L_aff (L_seg on the "
                 "propagated label from iteration %d)", spec["args"]["backbone"], spec["args"]["output_stride"],
                 pretrained or "random init", model.affinity_head.proj.in_channels, layout.num_classes, len(ids),
-                transform.crop, scale_range, schedule.cam_iters, schedule.seg_weight, schedule.aff_weight,
+                transform.crop, f"long side {list(transform.resize_long)}" if transform.resize_long
+                else f"scale {list(transform.scale_range)}",
+                schedule.cam_iters, schedule.seg_weight, schedule.aff_weight,
                 schedule.propagate_iters)
     return train_loop(cfg, sect, out_dir, logger, device, model, dataset,
                       make_afa_step(schedule, params, par_params, device),
