@@ -87,11 +87,17 @@ def check_training_section(sect, section: str) -> None:
     """ConfigError naming the key for a training length, batch or period that cannot work: ``iterations``,
     ``batch_size`` and ``log_every`` must be >= 1; ``ckpt_every`` and ``val_every`` >= 0 (0 = never); the
     global ``batch_size`` must split evenly over the processes (the process group's size, or torchrun's
-    ``WORLD_SIZE`` before the group exists), checked here so that no output folder is made for a run that
-    cannot start."""
+    ``WORLD_SIZE`` before the group exists); ``crop`` and ``resize_long``, where the section has them, must be
+    a positive side and an inclusive [lo, hi] range of long sides. Checked here so that no output folder is
+    made for a run that cannot start (a bad range would otherwise fail inside a loader worker)."""
     from .config import ConfigError
+    from .data.transforms import crop_side, long_side_range
 
     check_positive(sect, section, ("iterations", "batch_size", "log_every"), ("ckpt_every", "val_every"))
+    if "crop" in sect:
+        crop_side(sect.crop, f"{section}.crop")
+    if "resize_long" in sect:
+        long_side_range(sect.resize_long, f"{section}.resize_long")
     world = dist.world_size() if dist.is_distributed() else int(os.environ.get("WORLD_SIZE", "1") or 1)
     if "batch_size" in sect and int(sect.batch_size) % world:
         raise ConfigError(f"{section}.batch_size={int(sect.batch_size)}: the global batch must be divisible by the "

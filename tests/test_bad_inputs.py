@@ -283,7 +283,9 @@ def test_a_mask_of_another_size_than_its_image_is_blamed_on_the_mask(tiny_voc, t
 @pytest.mark.parametrize("override, key", [
     ("train_cls.iterations=0", "train_cls.iterations"), ("train_cls.log_every=0", "train_cls.log_every"),
     ("train_cls.ckpt_every=-1", "train_cls.ckpt_every"), ("train_cls.batch_size=0", "train_cls.batch_size"),
-    ("train_cls.val_every=1.5", "train_cls.val_every"),
+    ("train_cls.val_every=1.5", "train_cls.val_every"), ("train_cls.crop=0", "train_cls.crop"),
+    ("train_cls.resize_long=[48]", "train_cls.resize_long"), ("train_cls.resize_long=[48,32]", "train_cls.resize_long"),
+    ("train_cls.resize_long=[32.5,48]", "train_cls.resize_long"),
 ])
 def test_training_keys_that_cannot_work_are_named(tiny_voc, tmp_path, override, key):
     from smaf.stages import train_cls
@@ -291,6 +293,34 @@ def test_training_keys_that_cannot_work_are_named(tiny_voc, tmp_path, override, 
     with pytest.raises(ConfigError) as info:
         train_cls.run(lean_cfg(tiny_voc, tmp_path / "work", override))
     assert one_line(info.value).startswith(key) and not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("stage", ["train_fusion", "train_aff", "train_afa"])
+def test_every_training_stage_checks_its_crop_range_before_writing(tiny_voc, tmp_path, stage):
+    """One shared check (engine.check_training_section) for every stage's ``resize_long``: a range of one
+    value, or lo > hi, used to fail inside a loader worker (IndexError / numpy's 'low >= high')."""
+    import importlib
+
+    run = importlib.import_module(f"smaf.stages.{stage}").run
+    for bad in ("[64]", "[96,64]"):
+        with pytest.raises(ConfigError) as info:
+            run(lean_cfg(tiny_voc, tmp_path / "work", f"{stage}.resize_long={bad}"))
+        assert one_line(info.value).startswith(f"{stage}.resize_long=") and "0 < lo <= hi" in str(info.value)
+    assert not (tmp_path / "work").exists()
+
+
+def test_long_side_range_accepts_a_range_or_nothing():
+    from smaf.data.transforms import crop_side, long_side_range
+
+    assert long_side_range([224, 320], "k") == (224, 320) and long_side_range([64, 64], "k") == (64, 64)
+    assert long_side_range([], "k") is None and long_side_range(None, "k") is None
+    for bad in ([0, 10], [True, 4], "224,320", [224, 320, 400]):
+        with pytest.raises(ConfigError, match=r"^k="):
+            long_side_range(bad, "k")
+    assert crop_side(256, "c") == 256
+    for bad in (0, -1, 25.5, True):
+        with pytest.raises(ConfigError, match=r"^c="):
+            crop_side(bad, "c")
 
 
 def test_engine_names_the_section_of_any_stage():

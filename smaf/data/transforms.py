@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
+from ..config import ConfigError
+
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
@@ -125,6 +127,28 @@ def random_crop_box(rng: np.random.Generator, h: int, w: int, crop: int) -> tupl
     cont_left, img_left = (0, int(rng.integers(w_space + 1))) if w_space > 0 else (int(rng.integers(-w_space + 1)), 0)
     cont_top, img_top = (0, int(rng.integers(h_space + 1))) if h_space > 0 else (int(rng.integers(-h_space + 1)), 0)
     return cont_top, cont_left, img_top, img_left, ch, cw
+
+
+def long_side_range(value, key: str) -> tuple[int, int] | None:
+    """The config value ``value`` of ``key`` (e.g. ``train_cls.resize_long``) as the inclusive range (lo, hi) of
+    long sides a training image is resized to; empty (``[]`` / None) -> None, keep the size. Anything else
+    than two integers with 0 < lo <= hi is a one-line ConfigError naming the key (the shared check of every
+    training stage: a bad range would otherwise fail inside a loader worker)."""
+    if value is None or (isinstance(value, (list, tuple)) and not value):
+        return None
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value) or not 0 < value[0] <= value[1]):
+        raise ConfigError(f"{key}={value!r}: expected [lo, hi] long sides in pixels with 0 < lo <= hi "
+                          f"(e.g. [224, 320]), or [] to keep the image's size")
+    return int(value[0]), int(value[1])
+
+
+def crop_side(value, key: str) -> int:
+    """The config value ``value`` of ``key`` (e.g. ``train_cls.crop``) as a positive crop side in pixels; anything
+    else is a one-line ConfigError naming the key."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{key}={value!r}: expected a positive crop side in pixels (e.g. 256)")
+    return value
 
 
 class JointTrainTransform:

@@ -32,7 +32,7 @@ import torch
 
 from .. import dist
 from ..config import ConfigError
-from ..data.transforms import JointTrainTransform
+from ..data.transforms import JointTrainTransform, crop_side, long_side_range
 from ..data.voc import ClassificationDataset, VOCLayout, check_inputs
 from ..engine import check_resume_checkpoint, check_training_section, train_loop
 from ..losses import afa_affinity_loss, background_foreground_ce, multilabel_soft_margin
@@ -186,12 +186,8 @@ def train_transform(sect) -> JointTrainTransform:
                           f"[0.5, 2.0])")
     # VOC photos are about 500 px, so AFA rescales the original; large photos (Pet: up to 1600 px) would give
     # crops of fur, so a set may draw the long side instead, as stage 0 does (then scale_range is not used)
-    resize_long = list(sect.resize_long or [])
-    if resize_long and (len(resize_long) != 2 or not all(isinstance(v, int) for v in resize_long)
-                        or not 0 < resize_long[0] <= resize_long[1]):
-        raise ConfigError(f"train_afa.resize_long={resize_long}: expected [lo, hi] long sides with 0 < lo <= hi "
-                          f"(e.g. [224, 320]), or [] for AFA's scale_range on the original size")
-    return JointTrainTransform(int(sect.crop), resize_long or None, flip=bool(sect.flip),
+    resize_long = long_side_range(sect.resize_long, "train_afa.resize_long")
+    return JointTrainTransform(crop_side(sect.crop, "train_afa.crop"), resize_long, flip=bool(sect.flip),
                                jitter=list(sect.jitter or []), scale_range=None if resize_long else scale_range)
 
 
