@@ -250,20 +250,12 @@ def test_derive_switching_a_fragment_brings_the_configs_own_settings_of_it(tmp_p
     assert saved == box.to_dict() and "_unselected_fragments" not in str(saved)
 
 
-def _flat(section, prefix=""):
-    out = {}
-    for key, value in section.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def test_the_vit_configs_differ_from_their_sets_by_the_backbone_only_and_agree_with_each_other():
     """pets_vit / msrc_vit are the issue-18 comparison (SMAF on ViT-S/14 vs EfficientNet-Lite0): each must be its
     set's config with the same ViT changes, so msrc_vit (which cannot inherit from pets_vit) may not drift."""
-    flat = {name: _flat(load_config(name)) for name in ("pets", "pets_vit", "msrc", "msrc_vit")}
+    from smaf.config import _flatten
+
+    flat = {name: _flatten(load_config(name)) for name in ("pets", "pets_vit", "msrc", "msrc_vit")}
     vit_changes = {k: v for k, v in flat["pets_vit"].items() if flat["pets"].get(k, "(absent)") != v and k != "work_dir"}
     assert vit_changes["model.backbone"] == "vit_s14_focus" and vit_changes["model.output_stride"] == 14
     assert vit_changes["train_cls.optimizer"] == vit_changes["train_fusion.optimizer"] == "adamw"

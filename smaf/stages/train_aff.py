@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from .. import dist
 from ..cam.background import BackgroundRule
-from ..data.transforms import JointTrainTransform, crop_side, long_side_range
+from ..data.transforms import JointTrainTransform
 from ..engine import check_training_section, train_loop
 from ..config import ConfigError
 from ..models.affinity import affinity_loss, grid_colour, pair_affinities, source_crop, window_affinity_loss
@@ -64,7 +64,8 @@ def run(cfg):
     cam_dir = runs.input("train_aff", "cam_dir")
     label_params = AffinityLabelParams.from_config(sect.labels)   # bad values fail before any output
     bg_rule = BackgroundRule.from_section(cfg.inference, "inference")
-    crop, radius = crop_side(sect.crop, "train_aff.crop"), int(sect.radius)
+    check_training_section(sect, "train_aff")   # crop, resize_long, lengths: before the crop is used below
+    crop, radius = int(sect.crop), int(sect.radius)
     objective = str(sect.objective)
     if objective not in OBJECTIVES:
         raise ConfigError(f"train_aff.objective='{objective}': expected one of {', '.join(OBJECTIVES)}")
@@ -76,7 +77,6 @@ def run(cfg):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
                 raise ConfigError(f"train_aff.a2gnn.{key}={value!r}: expected a number "
                                   f"{'>= 0 (0 turns the gated-CRF term off)' if low == 0 else '> 0'}")
-    check_training_section(sect, "train_aff")
     if crop % STRIDE:
         raise StageError(f"train_aff.crop={crop}: must be a multiple of {STRIDE} (PSA: 448)")
     try:   # the PSA pairs need a grid of at least r x (2r - 1) (the A2GNN window pads the grid instead)
@@ -99,8 +99,7 @@ def run(cfg):
         stats = label_statistics(label_dir, ids[:200])
         logger.info("affinity labels (first %d images): background %.1f%%, foreground %.1f%%, unknown %.1f%%",
                     min(200, len(ids)), 100 * stats["background"], 100 * stats["foreground"], 100 * stats["unknown"])
-    transform = JointTrainTransform(crop, long_side_range(sect.resize_long, "train_aff.resize_long"), flip=True,
-                                    jitter=sect.jitter)
+    transform = JointTrainTransform(crop, sect.resize_long, flip=True, jitter=sect.jitter)
     dataset = AffinityDataset(layout, ids, transform, label_dir, STRIDE)
     spec = {"arch": "affinity_net", "args": {"backbone": cfg.model.backbone,
                                              "output_stride": int(cfg.model.output_stride)}}

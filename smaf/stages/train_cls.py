@@ -22,7 +22,7 @@ from __future__ import annotations
 from ..cam.background import BackgroundRule
 from ..cam.validate import CAMValidator
 from ..config import Config
-from ..data.transforms import JointTrainTransform, crop_side, long_side_range
+from ..data.transforms import JointTrainTransform
 from ..data.voc import ClassificationDataset, VOCLayout, check_inputs
 from ..engine import check_resume_checkpoint, check_training_section, train_loop
 from ..methods import get_method, method_names
@@ -75,9 +75,7 @@ def train_classifier(cfg):
     check_resume_checkpoint(sect, "train_cls", layout, head)
     out_dir, logger, device, layout = prepare_output(cfg, "train_cls", layout=layout)
     set_seed(cfg.seed)
-    transform = JointTrainTransform(crop_side(sect.crop, "train_cls.crop"),
-                                    long_side_range(sect.resize_long, "train_cls.resize_long"), flip=True,
-                                    jitter=sect.jitter)
+    transform = JointTrainTransform(sect.crop, sect.resize_long, flip=True, jitter=sect.jitter)
     dataset = ClassificationDataset(layout, ids, transform, saliency=saliency)
     validator = CAMValidator.from_config(cfg, layout, sect.val_max_images, logger)
     model = build_model(Config(dict(cfg.model, head=head)), layout.num_classes, method.aux_heads(opts)).to(device)

@@ -27,7 +27,7 @@ from .. import dist
 from ..cam.prototypes import PrototypeBank, load_prototypes
 from ..cam.validate import CAMValidator
 from ..checkpoint import load_model
-from ..data.transforms import JointTrainTransform, crop_side, crop_to_image_grid, long_side_range
+from ..data.transforms import JointTrainTransform, crop_to_image_grid
 from ..data.voc import ClassificationDataset, VOCLayout, check_inputs, collate_train
 from ..engine import ModuleState, check_resume_checkpoint, check_training_section, ema_update, train_loop
 from ..cam.background import BackgroundRule
@@ -290,9 +290,7 @@ def run(cfg):
         raise StageError(f"'{proto_path}' holds prototypes of shape {tuple(protos['prototypes'].shape)} but the "
                          f"model needs ({num_classes + 1}, {student.feat_dim}): re-run "
                          f"{runs.producer('train_fusion', 'fusion_dir')}")
-    transform = JointTrainTransform(crop_side(sect.crop, "train_fusion.crop"),
-                                    long_side_range(sect.resize_long, "train_fusion.resize_long"), flip=True,
-                                    jitter=None)
+    transform = JointTrainTransform(sect.crop, sect.resize_long, flip=True, jitter=None)
     with_saliency = float(sect.get("saliency_weight", 0.0)) > 0
     if with_saliency:
         check_inputs(layout, ids, "train_fusion.train_list", saliency=True)
