@@ -40,6 +40,27 @@ def test_stage_shapes_and_strides(output_stride, strides):
     assert out["conv6"] is out["stage4"] and model.out_channels == 256
 
 
+def test_small_inputs_run_and_large_grids_are_not_padded():
+    # a 24 x 20 input gives a 6 x 5 stage-1 grid, under the reduction ratio 8 (SegFormer's conv fails there): the
+    # grid is zero-padded to 8 x 8, one key; a grid of at least R per side goes through the conv unchanged
+    torch.manual_seed(0)
+    model = MixVisionTransformer("mit_b0", 8).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 24, 20))
+    assert out["stage4"].shape == (1, 256, 3, 3) and torch.isfinite(out["stage4"]).all()
+    attn = model.block1[0].attn
+    x = torch.randn(1, 6 * 5, attn.q.in_features)
+    _, logits = attn(x, 6, 5, return_logits=True)
+    assert logits.shape == (1, attn.num_heads, 30, 1)
+    x = torch.randn(1, 9 * 8, attn.q.in_features)
+    grid = x.transpose(1, 2).reshape(1, -1, 9, 8)
+    keys = attn.norm(attn.sr(grid).flatten(2).transpose(1, 2))
+    _, logits = attn(x, 9, 8, return_logits=True)
+    q = attn.q(x).reshape(1, 72, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k = attn.kv(keys)[..., :q.shape[1] * attn.head_dim].reshape(1, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+    assert torch.allclose(logits, q @ k.transpose(-2, -1), atol=1e-5)
+
+
 def test_parameter_counts_match_segformer():
     # SegFormer's encoder sizes (millions): B0 3.3-3.4, B1 13.1, B2 24.2, B3 44.0, B4 60.8, B5 81.4
     expected = {"mit_b0": 3.3, "mit_b1": 13.1, "mit_b2": 24.2, "mit_b3": 44.0, "mit_b4": 60.8, "mit_b5": 81.4}

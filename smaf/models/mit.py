@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .attention import attend
 
@@ -122,11 +123,16 @@ class EfficientSelfAttention(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (B, N = h*w, D) -> (out (B, N, D), logits): with ``return_logits`` the raw attention logits q k^T
         (B, heads, N, N'), N' = floor(h/R) * floor(w/R), before the 1/sqrt(head_dim) scaling and the softmax;
-        else None (fused attention)."""
+        else None (fused attention). A grid side below R (a small image or scale: SegFormer's reduction conv
+        fails there) is zero-padded at the bottom/right up to R, giving one reduced row/column."""
         b, n, d = x.shape
         q = self.q(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         if self.sr_ratio > 1:
-            reduced = self.sr(x.transpose(1, 2).reshape(b, d, h, w)).flatten(2).transpose(1, 2)
+            grid = x.transpose(1, 2).reshape(b, d, h, w)
+            r = self.sr_ratio
+            if h < r or w < r:
+                grid = F.pad(grid, (0, max(0, r - w), 0, max(0, r - h)))
+            reduced = self.sr(grid).flatten(2).transpose(1, 2)
             kv_input = self.norm(reduced)
         else:
             kv_input = x
