@@ -170,3 +170,21 @@ def test_bench_section_e_times_the_refiners_on_voc_sized_images(tiny_voc, tmp_pa
     assert row["pass"] is refiners["rw_pass"] and f"{1000 * walk_s:.1f} ms" in row["detail"]
     assert [t["pass"] for t in report["targets"] if "on GPU < 50 ms" in t["name"]] == [None]
     assert "fusion" not in report and "crf" not in report
+
+
+@pytest.mark.parametrize("backbone", ["vit_s14_focus", "mit_b1"])
+def test_transformer_backbones_are_benchmarked_at_their_stride(backbone):
+    from smaf.bench.common import BENCH_OUTPUT_STRIDE, DEFAULT_BACKBONES
+
+    args = bench_cli.parse_args(["--device", "cpu", "--backbones", backbone])
+    assert args.backbones == [backbone]
+    assert bench_cli.parse_args(["--device", "cpu"]).backbones == list(DEFAULT_BACKBONES)
+    model, weights = build_bench_model(backbone, 3, torch.device("cpu"), pretrained=False)
+    assert weights.startswith("random init") and model.backbone.output_stride == BENCH_OUTPUT_STRIDE[backbone]
+    batch, crop = bench_cli.train_settings(backbone, args, torch.device("cpu"))
+    if backbone == "vit_s14_focus":     # crops a multiple of the patch, as the ViT configs use
+        assert crop % 14 == 0
+    with torch.no_grad():
+        logits, cams, _ = model(torch.randn(1, 3, crop, crop))
+    side = -(-crop // BENCH_OUTPUT_STRIDE[backbone])   # the smaf head: C + 1 outputs, maps at the stride
+    assert logits.shape == (1, 4) and cams.shape == (1, 4, side, side)

