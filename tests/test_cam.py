@@ -92,6 +92,81 @@ def test_single_scale_is_the_same_code():
                                atol=1e-5)
 
 
+def test_single_index_returns_the_single_scale_cam_of_the_same_passes():
+    """The scale-1.0 unflipped pass of a multi-scale x flip call is what a separate single-scale call returns."""
+    image = cv2.GaussianBlur(np.random.default_rng(3).integers(0, 255, (45, 61, 3), dtype=np.uint8), (5, 5), 2)
+    labels = torch.tensor([1, 0, 0, 1, 1], dtype=torch.float32)
+    model = tiny_model("smaf")
+    scaled = [torch.from_numpy(normalize(resize_image(image, (round(45 * s), round(61 * s))))) for s in SCALES]
+    both = fuse_image(model, scaled, labels, (45, 61), flip=True, single_index=SCALES.index(1.0))
+    alone = fuse_image(model, [scaled[SCALES.index(1.0)]], labels, (45, 61), flip=False)
+    fused = fuse_image(model, scaled, labels, (45, 61), flip=True)
+    np.testing.assert_allclose(both.single.numpy(), alone.maps.numpy(), atol=1e-6)
+    np.testing.assert_array_equal(both.maps.numpy(), fused.maps.numpy())   # the fused maps are untouched
+    assert not np.allclose(both.single.numpy(), both.maps.numpy(), atol=1e-3)   # and they are other maps
+    assert fuse_image(model, scaled, labels, (45, 61)).single is None
+
+
+def test_stage1_writes_the_single_scale_folder_a_separate_run_would(tiny_voc, tmp_path):
+    """gen_fusion with fusion.single_subdir: the single-scale folder equals a separate scales [1.0], no-flip run
+    (maps, PNGs, prototypes, mIoU), the fused folder equals a run without it, and resume needs both folders."""
+    from smaf.checkpoint import save_checkpoint
+    from smaf.config import Config, ConfigError
+    from smaf.models import build_model
+    from smaf.stages import gen_fusion
+
+    def _cfg(root, work, **extra):   # the demo's network (EfficientNet-Lite0, random weights) on the tiny set
+        lists = f"{root}/ImageSets/Segmentation"
+        return load_config("demo", [f"data.root={root}", f"work_dir={work}", "num_workers=0", "model.pretrained=",
+                                    f"data.train_list={lists}/train.txt", f"data.infer_list={lists}/train.txt"]
+                           + [f"{k}={v}" for k, v in extra.items()])
+
+    cfg = _cfg(tiny_voc, tmp_path)
+    layout = VOCLayout.from_config(cfg)
+    torch.manual_seed(0)
+    model = build_model(Config(dict(cfg.model, head="smaf")), layout.num_classes)
+    ckpt = tmp_path / "model.pth"
+    save_checkpoint(ckpt, model, iteration=0)
+    common = {"fusion.checkpoint": str(ckpt), "fusion.overlays": 1}
+    combined = gen_fusion.run(_cfg(tiny_voc, tmp_path, **common, **{
+        "inference.base_long": 48, "inference.scales": "[0.5,1.0]", "fusion.out_subdir": "multi",
+        "fusion.single_subdir": "single"}))
+    separate = gen_fusion.run(_cfg(tiny_voc, tmp_path, **common, **{
+        "inference.base_long": 48, "inference.scales": "[1.0]", "inference.flip": "false",
+        "fusion.out_subdir": "single_alone"}))
+    plain = gen_fusion.run(_cfg(tiny_voc, tmp_path, **common, **{
+        "inference.base_long": 48, "inference.scales": "[0.5,1.0]", "fusion.out_subdir": "multi_alone"}))
+    assert combined["single"]["miou"] == pytest.approx(separate["miou"], abs=1e-6)
+    assert combined["miou"] == pytest.approx(plain["miou"], abs=1e-9)
+    ids = layout.read_list(cfg.data.train_list)
+    for image_id in ids:
+        for got, want in (("single", "single_alone"), ("multi", "multi_alone")):
+            a, b = (load_cam_dict(tmp_path / d / "cam_npy" / f"{image_id}.npy") for d in (got, want))
+            assert sorted(a) == sorted(b)
+            for c in a:
+                np.testing.assert_allclose(a[c], b[c], atol=1e-6)
+            np.testing.assert_array_equal(load_label_png(tmp_path / got / "cam_png" / f"{image_id}.png"),
+                                          load_label_png(tmp_path / want / "cam_png" / f"{image_id}.png"))
+    protos = [torch.load(tmp_path / d / "prototypes.pt", weights_only=True) for d in ("single", "single_alone")]
+    for key, value in protos[0].items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(value, protos[1][key], atol=1e-6, rtol=1e-5)
+    written = load_config(str(tmp_path / "single" / "config.yaml"))
+    assert list(written.inference.scales) == [1.0] and written.inference.flip is False
+    assert len(list((tmp_path / "single" / "overlays").glob("*.jpg"))) == 1
+    # resume: an image missing from the single-scale folder only is redone (in both, the same values)
+    (tmp_path / "single" / "cam_png" / f"{ids[0]}.png").unlink()
+    again = gen_fusion.run(_cfg(tiny_voc, tmp_path, **common, **{
+        "inference.base_long": 48, "inference.scales": "[0.5,1.0]", "fusion.out_subdir": "multi",
+        "fusion.single_subdir": "single"}))
+    assert again["single"]["miou"] == pytest.approx(combined["single"]["miou"], abs=1e-9)
+    assert (tmp_path / "single" / "cam_png" / f"{ids[0]}.png").is_file()
+    with pytest.raises(ConfigError, match=r"fusion.single_subdir: .*inference.scales"):
+        gen_fusion.run(_cfg(tiny_voc, tmp_path, **common, **{
+            "inference.scales": "[0.5,1.5]", "fusion.out_subdir": "bad", "fusion.single_subdir": "bad_single"}))
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad_single").exists()
+
+
 def test_label_from_maps_uses_voc_numbering():
     from smaf.cam import FusedResult
 

@@ -33,18 +33,20 @@ class FusedResult:
 
     ``classes``: labelled class indices (list of int, VOC order 0..C-1); ``maps``: float32 (len(classes), H, W)
     in [0, 1], on the model's device; ``feature``: (D, h, w) feature f of the scale-1 unflipped pass (or of
-    the scale nearest to 1) when requested, else None.
+    the scale nearest to 1) when requested, else None; ``single``: float32 (len(classes), H, W), the maps of
+    one scale's unflipped pass alone (``single_index``), normalised the same way, else None.
     """
 
     classes: list
     maps: torch.Tensor
     feature: torch.Tensor | None = None
+    single: torch.Tensor | None = None
 
 
 @torch.no_grad()
 def fuse_image(model, scaled: list, labels: torch.Tensor, out_size: tuple, flip: bool = True, amp: str = "none",
                channels_last: bool = False, with_feature: bool = False, scales: list | None = None,
-               flip_in_batch: bool | None = None) -> FusedResult:
+               flip_in_batch: bool | None = None, single_index: int | None = None) -> FusedResult:
     """Multi-scale (x flip) fused attention maps of one image.
 
     Args:
@@ -58,9 +60,12 @@ def fuse_image(model, scaled: list, labels: torch.Tensor, out_size: tuple, flip:
         with_feature: also return f of the unflipped pass at the scale nearest to 1 (for prototypes).
         scales: the scale of each entry of ``scaled`` (only used to pick the feature pass).
         flip_in_batch: run the flipped copy in the original's batch (default: on a GPU, not on a CPU).
+        single_index: also return, as ``single``, the unflipped pass of ``scaled[single_index]`` alone: the
+            single-scale CAM (scales [1.0], no flip) that a separate run would compute, from the same forward
+            pass (the runner scores both without running the network twice).
 
     Returns a :class:`FusedResult`: sum over scales and flips of the upsampled activations of the labelled
-    classes, each class divided by its maximum + 1e-5.
+    classes, each class divided by its maximum + 1e-5 (``single`` likewise).
     """
     device = next(model.parameters()).device
     classes = torch.nonzero(labels > 0.5).flatten().tolist()
@@ -69,7 +74,7 @@ def fuse_image(model, scaled: list, labels: torch.Tensor, out_size: tuple, flip:
     feature_pass = 0
     if with_feature and scales is not None:
         feature_pass = min(range(len(scales)), key=lambda i: abs(float(scales[i]) - 1.0))
-    feature = None
+    feature = single = None
     # On a GPU the flipped copy shares the original's batch (one launch sequence for both). On a CPU two
     # batch-1 passes are faster: every activation of a batch of 2 is twice as large, and those beyond glibc's
     # 32 MB mmap limit come back as fresh, page-faulting memory at every op (EfficientNet-Lite0 folded, scales
@@ -95,9 +100,13 @@ def fuse_image(model, scaled: list, labels: torch.Tensor, out_size: tuple, flip:
         cam = cams[0] if len(cams) == 1 else torch.cat(cams)
         act = cam_activation(cam, model.has_background)[:, classes]
         up = F.interpolate(act, size=(height, width), mode="bilinear", align_corners=False)
+        if i == single_index:
+            single = up[0] / (up[0].flatten(1).amax(1).view(-1, 1, 1) + 1e-5)
         total += up[0]
         if flip:
             total += up[1].flip(-1)
     if classes:
         total /= total.flatten(1).amax(1).view(-1, 1, 1) + 1e-5
-    return FusedResult(classes, total, feature)
+    if single_index is not None and single is None:   # no labelled class: empty maps, as for the fused ones
+        single = total.clone()
+    return FusedResult(classes, total, feature, single)

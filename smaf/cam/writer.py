@@ -7,6 +7,9 @@ Per image, under ``out_dir``::
     proto_stats/<id>.npy  per-class mean feature f (when prototypes are asked for)
     overlays/<id>.jpg     image | fused attention | label, for the first N images
 
+With ``single_dir`` the same files of the single-scale CAM (the unflipped scale-1.0 pass alone, :func:`fuse_image`'s
+``single``) go under ``single_dir`` from the same forward passes.
+
 Finished images are skipped (every file is written atomically), so an interrupted run resumes. Under torchrun
 each rank takes its share of the list.
 """
@@ -26,7 +29,7 @@ from ..models.fold import inference_copy
 from ..run_layout import CAM_NPY, CAM_PNG, OVERLAYS, PROTO_STATS
 from ..runtime import available_cores, default_workers
 from .background import BackgroundRule, label_from_maps
-from .fusion import fuse_image
+from .fusion import FusedResult, fuse_image
 from .prototypes import class_feature_means
 
 
@@ -51,9 +54,17 @@ def is_finished(out_dir: Path, image_id: str, prototypes: bool) -> bool:
     return done and (not prototypes or (out_dir / PROTO_STATS / f"{image_id}.npy").is_file())
 
 
+def single_scale_index(scales) -> int:
+    """Index of scale 1.0 in ``scales`` (the pass that is the single-scale CAM); ValueError when it is absent."""
+    values = [float(v) for v in scales]
+    if 1.0 not in values:
+        raise ValueError(f"the single-scale CAM is the scale-1.0 pass, and inference.scales {values} has none")
+    return values.index(1.0)
+
+
 def generate_fused_outputs(model, layout, ids: list, out_dir: Path, device, logger, inference, bg_rule: BackgroundRule,
                            amp: str = "none", num_workers: int = 0, num_overlays: int = 0,
-                           prototype_min_pixels: int = 0, desc: str = "fusion") -> int:
+                           prototype_min_pixels: int = 0, desc: str = "fusion", single_dir: Path | None = None) -> int:
     """Write ``cam_npy/``, ``cam_png/`` (and ``proto_stats/`` when ``prototype_min_pixels`` > 0) under
     ``out_dir`` for this rank's share of ``ids``.
 
@@ -65,6 +76,8 @@ def generate_fused_outputs(model, layout, ids: list, out_dir: Path, device, logg
         num_overlays: overlay pictures for the first N ids.
         prototype_min_pixels: > 0 also writes per-image class-mean features of classes with at least that many
             feature pixels (:func:`smaf.cam.prototypes.class_feature_means`).
+        single_dir: also write the single-scale CAM's files there (``inference.scales`` must hold 1.0); an image
+            counts as finished when both folders have it.
 
     Returns the number of images processed (skipped finished ones excluded)."""
     fus = inference
@@ -77,17 +90,20 @@ def generate_fused_outputs(model, layout, ids: list, out_dir: Path, device, logg
         model = model.to(memory_format=torch.channels_last)
     overlay_ids = set(ids[:num_overlays])
     mine = dist.shard(ids)
-    todo = [i for i in mine if not is_finished(out_dir, i, prototypes)]
+    single_index = single_scale_index(fus.scales) if single_dir is not None else None
+    folders = [out_dir] + ([single_dir] if single_dir is not None else [])
+    todo = [i for i in mine if not all(is_finished(d, i, prototypes) for d in folders)]
     if len(todo) < len(mine):
         logger.info("%d of %d images already done (skipped)", len(mine) - len(todo), len(mine))
     if not todo:
         return 0
-    for sub in (CAM_NPY, CAM_PNG) + ((PROTO_STATS,) if prototypes else ()):
-        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    for folder in folders:
+        for sub in (CAM_NPY, CAM_PNG) + ((PROTO_STATS,) if prototypes else ()):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
     dataset = InferenceDataset(layout, todo, scales=fus.scales, base_long=fus.base_long,
                                resize=fus.get("resize", "cv2"))
     workers = min(default_workers(num_workers), len(todo))   # no worker without an image to load
-    fuse = _SampleFuser(model, fus, amp, bg_rule, layout.num_classes, prototype_min_pixels, overlay_ids)
+    fuse = _SampleFuser(model, fus, amp, bg_rule, layout.num_classes, prototype_min_pixels, overlay_ids, single_index)
     # (not with fewer images than cores: single-threaded workers would then leave cores idle)
     on_workers = device.type == "cpu" and workers >= 2 and workers >= available_cores()
     if on_workers:
@@ -104,33 +120,42 @@ def generate_fused_outputs(model, layout, ids: list, out_dir: Path, device, logg
     with AsyncWriter(threads=2, max_pending=16) as writer:
         for item in tqdm(loader, total=len(todo), desc=desc, disable=not dist.is_main(), dynamic_ncols=True):
             out = item if on_workers else fuse(item)
-            maps_np, label_np = out["maps"].numpy(), out["label"].numpy()
-            writer.submit(_write_outputs, out_dir, out["id"], out["classes"], maps_np, label_np, out["stats"])
-            if out["image"] is not None:
-                writer.submit(_write_overlay, out_dir, out["id"], out["image"], maps_np, label_np)
+            for folder, key in zip(folders, ("", "single_")):
+                maps_np, label_np = out[key + "maps"].numpy(), out[key + "label"].numpy()
+                writer.submit(_write_outputs, folder, out["id"], out["classes"], maps_np, label_np, out[key + "stats"])
+                if out["image"] is not None:
+                    writer.submit(_write_overlay, folder, out["id"], out["image"], maps_np, label_np)
     return len(todo)
 
 
 class _SampleFuser:
     """One :class:`~smaf.data.voc.InferenceDataset` sample -> everything the writer needs (CPU tensors):
-    ``{id, classes, maps, label, stats (prototypes) or None, image (overlay ids) or None}``."""
+    ``{id, classes, maps, label, stats (prototypes) or None, image (overlay ids) or None}``, and with
+    ``single_index`` the single-scale CAM's ``single_maps``, ``single_label``, ``single_stats`` too."""
 
     def __init__(self, model, fus, amp: str, bg_rule: BackgroundRule, num_classes: int, prototype_min_pixels: int,
-                 overlay_ids: set):
+                 overlay_ids: set, single_index: int | None = None):
         self.model, self.fus, self.amp, self.bg_rule = model, fus, amp, bg_rule
-        self.num_classes, self.overlay_ids = num_classes, overlay_ids
+        self.num_classes, self.overlay_ids, self.single_index = num_classes, overlay_ids, single_index
         self.min_pixels, self.prototypes = prototype_min_pixels, prototype_min_pixels > 0
+
+    def _outputs(self, result, maps, prefix: str) -> dict:
+        label = label_from_maps(FusedResult(result.classes, maps), self.bg_rule(maps))
+        # the feature is that of the unflipped scale-1.0 pass, the one a single-scale run would use too
+        stats = (class_feature_means(result.feature, label, self.num_classes, self.min_pixels)
+                 if self.prototypes else None)
+        return {prefix + "maps": maps.cpu(), prefix + "label": label.cpu(), prefix + "stats": stats}
 
     def __call__(self, sample: dict) -> dict:
         fus, image = self.fus, sample["image"]
         result = fuse_image(self.model, sample["scaled"], sample["labels"], image.shape[:2], flip=fus.flip,
                             amp=self.amp, channels_last=fus.channels_last, with_feature=self.prototypes,
-                            scales=fus.scales)
-        label = label_from_maps(result, self.bg_rule(result.maps))
-        stats = (class_feature_means(result.feature, label, self.num_classes, self.min_pixels)
-                 if self.prototypes else None)
-        return {"id": sample["id"], "classes": result.classes, "maps": result.maps.cpu(), "label": label.cpu(),
-                "stats": stats, "image": image if sample["id"] in self.overlay_ids else None}
+                            scales=fus.scales, single_index=self.single_index)
+        out = {"id": sample["id"], "classes": result.classes,
+               "image": image if sample["id"] in self.overlay_ids else None, **self._outputs(result, result.maps, "")}
+        if self.single_index is not None:
+            out.update(self._outputs(result, result.single, "single_"))
+        return out
 
 
 class _FusedDataset(Dataset):
