@@ -3,8 +3,9 @@
 # saliency step, then for each stage-0 path (the plain cam loss, and the eps loss on the saliency maps) stages
 # 0-3 with the config's stage-2 setting and the CRF, and the baselines (single-scale CAM, saliency x image
 # label); prints one table (train = pseudo-mask quality, val) with every stage's wall time. Lean mode on a
-# 2-core CPU (README, Results): Pet 31 min, MSRC 29 min (AMD EPYC); 44 and 35 min on a throttled Intel Xeon. --full adds stage 2 with denoising on (its
-# masks without CRF), the refiner rows (PAR; AffinityNet + random walk + CRF) and stage 4 (--segmentation).
+# 2-core CPU (README, Results): Pet 31 min, MSRC 29 min (AMD EPYC); 44 and 35 min on a throttled Intel Xeon.
+# --full adds stage 2 with denoising on (its masks without CRF), the refiner rows (PAR; AffinityNet + random walk
+# + CRF) and stage 4 (--segmentation).
 #
 # Usage:   bash script/bench_real.sh pets|msrc [--full] [key=value ...]
 # Inputs:  ../shared/data/pets or ../shared/data/msrc (PETS_ROOT / MSRC_ROOT override): JPEGImages/,
